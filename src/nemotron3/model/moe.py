@@ -1,0 +1,122 @@
+"""Mixture of experts: sigmoid router with e_score_correction_bias and group-limited top-k, relu² experts computed
+only for the tokens routed to them (sorted and grouped by expert), one shared expert.
+
+Dimensions: T tokens, D model width d, L expert input width (d, or l for LatentMoE), E experts, K top-k, m expert
+hidden. Suffixes name a tensor's shape (torchtitan): x_TD is (T, d); ids_TK is (T, K).
+
+Router (DeepSeek-V3 / Nemotron, HF NemotronHTopkRouter), in float32:
+    s = sigmoid(x W_r^T);  choose top-K of s + b (b = e_score_correction_bias, used for the choice only);
+    with n_group > 1 a group is scored by the sum of its top-2 choice scores, and only the topk_group best groups
+    may be chosen from;  weights w = s[chosen] / (sum s[chosen] + 1e-20) (if norm_topk_prob) * routed_scaling_factor.
+    out = sum_k w_k * E_{id_k}(x) + Shared(x),  E_e(x) = down_e(relu(up_e x)^2).
+
+The router, the experts and the dispatch are separate pieces so a trainer can update the bias (aux-loss-free
+balancing) and expert parallelism can replace `routed_experts` (tokens -> experts -> combine) from outside.
+Expert weights are fused 3-D parameters, experts.up_proj (E, m, L) and experts.down_proj (E, L, m), as in HF's
+memory layout; checkpoint.py maps them to the per-expert keys on disk. The dispatch loops over experts that got
+tokens (never over tokens); on CPU this beats torch's grouped_mm (measured 1.1 ms vs 1.4 ms, E=16, T*K=2048).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mlp import MLP, relu2
+
+
+@dataclass
+class RouterOutput:
+    weights_TK: torch.Tensor    # combine weights, float32
+    ids_TK: torch.Tensor        # chosen experts
+    scores_TE: torch.Tensor     # sigmoid scores (uncorrected), float32, for balancing losses and statistics
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        scores_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+        choice_TE = scores_TE + self.e_score_correction_bias.float()
+        if self.n_group > 1:    # keep the topk_group groups whose top-2 choice scores sum highest
+            groups = choice_TE.unflatten(-1, (self.n_group, -1))                      # (T, n_group, E/n_group)
+            group_score = groups.topk(2, dim=-1).values.sum(-1)                       # (T, n_group)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1, sorted=False).indices, True)
+            choice_TE = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        return RouterOutput(weights_TK * self.scaling, ids_TK, scores_TE)
+
+
+class Experts(nn.Module):
+    """E relu² experts stored fused: up_proj (E, m, L), down_proj (E, L, m), used as F.linear weights."""
+
+    def __init__(self, num_experts: int, input_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, input_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, input_size, intermediate_size))
+        nn.init.normal_(self.up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x_TL: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        return routed_experts(x_TL, ids_TK, weights_TK, self.up_proj, self.down_proj)
+
+
+def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
+    """sum_k w_k * down[id_k](relu(up[id_k] x)^2), computing each expert once on all of its tokens."""
+    T, K = ids_TK.shape
+    flat_ids = ids_TK.reshape(-1)                                              # (T*K,)
+    if T * K <= up_EML.shape[0]:
+        # few tokens (decode): gather just the chosen experts' weights and run them as one batched matmul
+        h = torch.bmm(up_EML[flat_ids], x_TL.repeat_interleave(K, dim=0)[:, :, None])      # (TK, m, 1)
+        y = torch.bmm(down_ELM[flat_ids], relu2(h)).squeeze(-1)                             # (TK, L)
+        y = y * weights_TK.reshape(-1, 1).to(y.dtype)
+        return y.view(T, K, -1).sum(1)
+    order = torch.argsort(flat_ids, stable=True)                              # token-slots sorted by expert
+    counts = torch.bincount(flat_ids, minlength=up_EML.shape[0]).tolist()
+    token_of = order // K
+    x_sorted = x_TL[token_of]                                                  # (TK, L)
+    outs = []
+    for e, x_e in enumerate(x_sorted.split(counts)):
+        if counts[e]:
+            outs.append(F.linear(relu2(F.linear(x_e, up_EML[e])), down_ELM[e]))
+    y_sorted = torch.cat(outs) * weights_TK.reshape(-1)[order, None].to(x_TL.dtype)        # (TK, L)
+    return torch.zeros_like(x_TL).index_add_(0, token_of, y_sorted)
+
+
+class MoE(nn.Module):
+    """Standard MoE layer (experts in width d). See latent_moe.py for LatentMoE."""
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = TopKRouter(config)
+        self.experts = Experts(config.n_routed_experts, config.expert_input_size, config.moe_intermediate_size)
+        self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size, config.mlp_bias)
+        self.last_router_output: RouterOutput | None = None   # set on each forward when record_router is True
+        self.record_router = False
+
+    def route_and_run(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Routed part only: (T, d) -> (T, d)."""
+        r = self.gate(x_TD)
+        if self.record_router:
+            self.last_router_output = r
+        return self.experts(x_TD, r.ids_TK, r.weights_TK)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        out = self.route_and_run(x_TD) + self.shared_experts(x_TD)
+        return out.view_as(x)

@@ -1,0 +1,264 @@
+"""The hybrid Nemotron-H / Nemotron 3 model: pre-norm residual blocks (one mixer each) from `layers_block_type`,
+final norm, LM head, optional MTP heads, and a minimal cached `generate`.
+
+    h_0 = Embed(ids);   h_i = h_{i-1} + Mixer_i(RMSNorm_i(h_{i-1}));   logits = lm_head(norm_f(h_n))
+Mixers: Mamba-2 ('M', linear_attention), GQA without RoPE ('*', full_attention), MoE / LatentMoE ('E'), relu² MLP
+('-'). Module names are the HF checkpoint names (backbone.embeddings, backbone.layers.N.mixer..., backbone.norm_f,
+lm_head), so loading needs only the expert-layout map in checkpoint.py. Logits come back in float32.
+
+Left to other parts of the package: the training losses (train/), quantized linears swapped in from outside
+(quant/), the full inference engine with speculative decoding and budgets (infer/).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import NemotronConfig
+from .attention import Attention
+from .cache import HybridCache
+from .latent_moe import build_moe
+from .mamba2 import Mamba2Mixer
+from .mlp import MLP
+from .moe import Experts, MoE, RouterOutput, TopKRouter
+from .mtp import MultiTokenPrediction
+from .norm import RMSNorm
+
+
+@dataclass
+class NemotronOutput:
+    logits: torch.Tensor                               # (b, L or logits_to_keep, V) float32
+    hidden_states: torch.Tensor                        # (b, L, d) after norm_f: the input of MTP and of RL heads
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)   # per depth k: predicts x_{t+k+1} at position t
+    mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)
+    router: dict[int, RouterOutput] = field(default_factory=dict)  # MoE layer index -> routing of this forward
+
+
+class Block(nn.Module):
+    """h + mixer(norm(h)); `kind` defaults to the layer's entry in layers_block_type."""
+
+    def __init__(self, config: NemotronConfig, layer_idx: int, kind: str | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx                     # also this layer's index in a HybridCache
+        self.kind = kind or config.layers_block_type[layer_idx]
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        if self.kind == "linear_attention":
+            self.mixer = Mamba2Mixer(config, layer_idx)
+        elif self.kind == "full_attention":
+            self.mixer = Attention(config, layer_idx)
+        elif self.kind == "moe":
+            self.mixer = build_moe(config, layer_idx)
+        else:
+            self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(self, h, mask=None, cache: HybridCache | None = None, pos: int = 0):
+        x = self.norm(h.to(self.norm.weight.dtype))
+        if self.kind == "linear_attention":
+            if cache is None:
+                x = self.mixer(x, mask)
+            else:
+                x = self.mixer(x, mask if x.shape[1] > 1 else None,
+                               cache.conv[self.layer_idx], cache.ssm[self.layer_idx])
+        elif self.kind == "full_attention":
+            x = self.mixer(x, mask, cache.attention_kv(self.layer_idx) if cache is not None else None, pos)
+        else:
+            x = self.mixer(x)
+        residual = h.float() if self.residual_in_fp32 else h
+        return residual + x
+
+
+class NemotronModel(nn.Module):
+    """The backbone: embeddings, the hybrid block stack, norm_f (HF `backbone.*`)."""
+
+    def __init__(self, config: NemotronConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def forward(self, input_ids, mask=None, cache=None, pos: int = 0):
+        h = self.embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, mask, cache, pos)
+        return self.norm_f(h)
+
+
+class NemotronForCausalLM(nn.Module):
+    def __init__(self, config: NemotronConfig):
+        super().__init__()
+        if not isinstance(config, NemotronConfig):
+            raise TypeError(f"NemotronForCausalLM takes a NemotronConfig, got {type(config).__name__}; "
+                            f"use NemotronConfig(...), from_preset(name) or NemotronConfig.from_json_file(path).")
+        self.config = config
+        self.backbone = NemotronModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MultiTokenPrediction(config, Block) if config.num_nextn_predict_layers > 0 else None
+        if self.lm_head.weight.device.type != "meta":
+            self.apply(self._init_weights)
+            self._rescale_mamba_out_proj()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    # ---- initialisation, as transformers' NemotronHPreTrainedModel._init_weights ----
+    def _init_weights(self, module):
+        std, cfg = self.config.initializer_range, self.config
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, TopKRouter):
+            nn.init.normal_(module.weight, std=std)
+            module.e_score_correction_bias.zero_()
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.up_proj, std=std)
+            nn.init.normal_(module.down_proj, std=std)
+        elif isinstance(module, Mamba2Mixer):
+            with torch.no_grad():
+                H = cfg.mamba_num_heads
+                module.A_log.copy_(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+                module.D.fill_(1.0)
+                # dt ~ logUniform[time_step_min, time_step_max], floored; dt_bias = softplus^-1(dt)
+                lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+                dt = torch.exp(torch.rand(H) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+                module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    @torch.no_grad()
+    def _rescale_mamba_out_proj(self):
+        """GPT-2 scheme as HF: Mamba out_proj ~ kaiming_uniform(a=sqrt 5) / sqrt(n_layers)."""
+        if not self.config.rescale_prenorm_residual:
+            return
+        for m in self.modules():
+            if isinstance(m, Mamba2Mixer):
+                nn.init.kaiming_uniform_(m.out_proj.weight, a=math.sqrt(5))
+                m.out_proj.weight /= math.sqrt(self.config.num_hidden_layers)
+
+    # ---- forward ----
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: HybridCache | None = None, *, logits_to_keep: int = 0, mtp_depths: int = 0,
+                return_router: bool = False) -> NemotronOutput:
+        """input_ids (b, L). attention_mask (b, L), or (b, cache.pos + L) as HF generate passes it; 1 = token,
+        0 = left padding. With `cache`, the tokens continue the cached sequence and the cache is advanced.
+        logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D also returns the
+        MTP logits of depths 1..D (teacher-forced on input_ids)."""
+        b, L = self._check_inputs(input_ids, cache)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -L:]
+            if mask.shape != (b, L):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {L}) or "
+                                 f"({b}, cached + {L}) to match input_ids.")
+            if bool(mask.all()):
+                mask = None
+        pos = 0
+        if cache is not None:
+            pos = cache.pos
+            cache.record_padding(mask, L)
+        moe_layers = [m for m in self.modules() if isinstance(m, MoE)] if return_router else []
+        for m in moe_layers:
+            m.record_router = True
+        try:
+            h = self.backbone(input_ids, mask, cache, pos)
+            if cache is not None:
+                cache.pos += L
+            out = NemotronOutput(logits=self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float(),
+                                 hidden_states=h)
+            if mtp_depths:
+                if self.mtp is None:
+                    raise ValueError("mtp_depths > 0 but this model has no MTP heads (num_nextn_predict_layers=0).")
+                out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask)
+                out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
+            for m in moe_layers:
+                out.router[m.layer_idx] = m.last_router_output
+        finally:
+            for m in moe_layers:
+                m.record_router, m.last_router_output = False, None
+        return out
+
+    def _check_inputs(self, input_ids, cache):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+                torch.int64, torch.int32):
+            raise ValueError("input_ids must be an integer tensor of shape (batch, seq_len); "
+                             "wrap a single sequence as ids[None].")
+        b, L = input_ids.shape
+        if L == 0:
+            raise ValueError("input_ids is empty (seq_len 0); give at least one token.")
+        if cache is None or L > 1:   # skipped on the one-token decode step: it costs a device sync per token
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids holds ids in [{lo}, {hi}] but vocab_size is {self.config.vocab_size}; "
+                                 f"tokenize with this model's tokenizer.")
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"the cache was allocated for batch {cache.batch_size}, input_ids has batch {b}.")
+        return b, L
+
+    # ---- generation (minimal; the engine with speculative decoding lives in infer/) ----
+    def new_cache(self, batch_size: int, max_len: int, include_mtp: bool = False) -> HybridCache:
+        p = self.lm_head.weight
+        return HybridCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype, include_mtp=include_mtp)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, attention_mask=None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 seed: int | None = None) -> torch.Tensor:
+        """Prefill then one cached step per token. Returns (b, prompt + new) ids like HF generate; rows that hit
+        eos are padded with eos afterwards. Prompts of different lengths: left-pad and pass attention_mask."""
+        from .sampling import sample_next_token, check_sampling_args
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        b, L = self._check_inputs(input_ids, None)
+        if L + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}; shorten the prompt or ask for fewer tokens.")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        cache = self.new_cache(b, L + max_new_tokens)
+        logits = self(input_ids, attention_mask, cache, logits_to_keep=1).logits[:, -1]
+        out = torch.empty(b, max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        eos_t = torch.tensor(sorted(eos), device=input_ids.device) if eos else None
+        n = 0
+        for n in range(max_new_tokens):
+            nxt = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            if eos_t is not None:
+                nxt = torch.where(done, eos_t[0], nxt)
+                done |= torch.isin(nxt, eos_t)
+            out[:, n] = nxt
+            if n + 1 == max_new_tokens or (eos_t is not None and bool(done.all())):
+                break
+            logits = self(nxt[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+        return torch.cat([input_ids, out[:, :n + 1]], dim=1)
+
+    # ---- checkpoints ----
+    @classmethod
+    def from_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=None) -> "NemotronForCausalLM":
+        from ..checkpoint import load_pretrained
+        return load_pretrained(cls, path_or_dir, dtype=dtype, device=device)
+
+    def save_pretrained(self, save_dir, max_shard_size: int | str = "5GB") -> None:
+        from ..checkpoint import save_pretrained
+        save_pretrained(self, save_dir, max_shard_size=max_shard_size)
+
+
+def count_parameters(config: NemotronConfig) -> dict:
+    """Total and per-token active parameter counts, without allocating weights (meta device)."""
+    with torch.device("meta"):
+        model = NemotronForCausalLM(config)
+    per_expert = config.moe_intermediate_size * config.expert_input_size * 2
+    inactive = (config.n_routed_experts - config.num_experts_per_tok) * per_expert
+    main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    n_moe = config.layers_block_type.count("moe")
+    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    n_mtp_moe = config.mtp_layers_block_type.count("moe") * config.num_nextn_predict_layers
+    embed = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    return dict(total=main, active=main - n_moe * inactive, embedding_and_head=embed,
+                mtp_total=mtp, mtp_active=mtp - n_mtp_moe * inactive)

@@ -1,0 +1,98 @@
+"""Mamba-2 mixer. Oracles: the float64 per-token recurrence and float64 mixer in tests/reference/ssd.py."""
+
+import math
+
+import pytest
+import torch
+
+from nemotron3 import from_preset
+from nemotron3.model.mamba2 import Mamba2Mixer, ssd_chunked
+from tests.reference.ssd import mamba_mixer_ref, ssd_recurrence_ref
+
+
+def random_ssd_inputs(b, L, H=4, P=3, G=2, N=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(torch.randn(b, L, H, generator=g, dtype=torch.float64))
+    A = -torch.rand(H, generator=g, dtype=torch.float64) * 2 - 0.1
+    B = torch.randn(b, L, G, N, generator=g, dtype=torch.float64)
+    C = torch.randn(b, L, G, N, generator=g, dtype=torch.float64)
+    return x, dt, A, B, C
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 16, 37, 64])   # shorter than, equal to, across and multiples of Q=16
+def test_chunked_scan_matches_float64_recurrence(seq_len):
+    x, dt, A, B, C = random_ssd_inputs(2, seq_len)
+    y, final = ssd_chunked(x, dt, A, B, C, chunk_size=16)
+    y_ref, final_ref = ssd_recurrence_ref(x, dt, A, B, C)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)           # float64: a gap is a bug
+    torch.testing.assert_close(final, final_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_scan_continues_from_initial_state():
+    x, dt, A, B, C = random_ssd_inputs(2, 23, seed=1)
+    S0 = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    y, final = ssd_chunked(x, dt, A, B, C, chunk_size=8, initial_state=S0)
+    y_ref, final_ref = ssd_recurrence_ref(x, dt, A, B, C, initial_state=S0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(final, final_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_scan_float32_within_1e5_relative():
+    x, dt, A, B, C = random_ssd_inputs(1, 300, H=8, P=16, G=2, N=16, seed=2)
+    y, _ = ssd_chunked(*(t.float() for t in (x, dt, A, B, C)), chunk_size=128)
+    y_ref, _ = ssd_recurrence_ref(x, dt, A, B, C)
+    rel = (y.double() - y_ref).norm() / y_ref.norm()
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("seq_len", [1, 5, 16, 21])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_mixer_matches_float64_reference(seq_len, use_bias):
+    torch.manual_seed(0)
+    cfg = from_preset("tiny", chunk_size=8, use_bias=use_bias)
+    mixer = Mamba2Mixer(cfg).double()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        mixer.A_log.copy_(torch.rand(cfg.mamba_num_heads, dtype=torch.float64))
+    x = torch.randn(2, seq_len, cfg.hidden_size, dtype=torch.float64)
+    torch.testing.assert_close(mixer(x), mamba_mixer_ref(mixer, x), rtol=1e-9, atol=1e-9)
+
+
+def test_time_step_limit_is_applied_in_prefill_and_decode():
+    torch.manual_seed(0)
+    limit = (0.05, 0.2)
+    cfg = from_preset("tiny", chunk_size=8, time_step_limit=limit)
+    mixer = Mamba2Mixer(cfg).double()
+    x = torch.randn(1, 9, cfg.hidden_size, dtype=torch.float64)
+    ref = mamba_mixer_ref(mixer, x, time_step_limit=limit)
+    torch.testing.assert_close(mixer(x), ref, rtol=1e-9, atol=1e-9)
+    conv = torch.zeros(1, mixer.conv_dim, cfg.conv_kernel - 1, dtype=torch.float64)
+    ssm = torch.zeros(1, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, dtype=torch.float64)
+    steps = torch.cat([mixer(x[:, t:t + 1], None, conv, ssm) for t in range(9)], dim=1)
+    torch.testing.assert_close(steps, ref, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(ref, mamba_mixer_ref(mixer, x, time_step_limit=(0.0, math.inf)))
+
+
+def test_decode_steps_and_chunked_prefill_match_full_forward():
+    torch.manual_seed(0)
+    cfg = from_preset("tiny", chunk_size=4)
+    mixer = Mamba2Mixer(cfg).double()
+    x = torch.randn(2, 19, cfg.hidden_size, dtype=torch.float64)
+    full = mixer(x)
+    conv = torch.zeros(2, mixer.conv_dim, cfg.conv_kernel - 1, dtype=torch.float64)
+    ssm = torch.zeros(2, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, dtype=torch.float64)
+    parts = [mixer(x[:, :6], None, conv, ssm), mixer(x[:, 6:7], None, conv, ssm),   # prefill, step, prefill
+             mixer(x[:, 7:18], None, conv, ssm), mixer(x[:, 18:], None, conv, ssm)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_scan_has_gradients_equal_to_the_recurrence():
+    x, dt, A, B, C = random_ssd_inputs(1, 11, seed=3)
+    leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C)]
+    ssd_chunked(*leaves, chunk_size=4)[0].square().sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C)]
+    ssd_recurrence_ref(*ref_leaves)[0].square().sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-8)
