@@ -185,9 +185,8 @@ def load_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=N
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-        tensors.pop("lm_head.weight", None)
+    if config.tie_word_embeddings and "backbone.embeddings.weight" in tensors:   # the head is the embedding
+        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]
     if config.num_nextn_predict_layers == 0:     # an MTP-less config ignores MTP weights, as transformers does
         tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
     missing = sorted(set(expected) - set(tensors))

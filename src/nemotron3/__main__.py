@@ -1,0 +1,192 @@
+"""`nemotron3 <command>` (or `python -m nemotron3 <command>`).
+
+    nemotron3 info --preset nano-30b-a3b                  # layer plan and total / active parameters, no weights
+    nemotron3 generate --preset tiny --prompt "Hello"     # random weights; --model DIR for a checkpoint
+    nemotron3 demo                                        # what `make demo` runs
+
+Each command is a `main(argv)`; a bad flag value ends with one line naming the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+COMMANDS = ("info", "generate", "demo")
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; printed as one line, no traceback."""
+
+
+def _load_model(args):
+    import torch
+
+    from . import NemotronForCausalLM, from_preset
+    if bool(args.model) == bool(args.preset):
+        raise UserError("give exactly one of --model DIR (a checkpoint) or --preset NAME (random weights).")
+    if args.model:
+        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        return NemotronForCausalLM.from_pretrained(args.model, dtype=dtype)
+    torch.manual_seed(args.seed)
+    return NemotronForCausalLM(from_preset(args.preset)).eval()
+
+
+def _config_for_info(args):
+    from . import NemotronConfig, from_preset
+    if bool(args.model) == bool(args.preset):
+        raise UserError("give exactly one of --model DIR or --preset NAME.")
+    return NemotronConfig.from_json_file(args.model) if args.model else from_preset(args.preset)
+
+
+def describe(config, name: str = "") -> str:
+    """The layer plan and the parameter counts of a config, computed on the meta device (no weights allocated)."""
+    from collections import Counter
+
+    from .model import count_parameters
+    kinds = {"linear_attention": "Mamba-2", "full_attention": "attention", "moe": "MoE", "mlp": "MLP"}
+    if config.moe_latent_size:
+        kinds["moe"] = f"LatentMoE(l={config.moe_latent_size})"
+    counts = Counter(config.layers_block_type)
+    n = count_parameters(config)
+    lines = [f"{name or 'model'}: {config.num_hidden_layers} layers, d={config.hidden_size}, "
+             f"vocab {config.vocab_size}",
+             f"layer plan: {config.hybrid_override_pattern}",
+             "  " + ", ".join(f"{counts[k]} x {kinds[k]}" for k in kinds if counts[k]),
+             f"  Mamba-2: {config.mamba_num_heads} heads x {config.mamba_head_dim}, state {config.ssm_state_size}, "
+             f"{config.n_groups} groups, chunk {config.chunk_size}",
+             f"  attention: {config.num_attention_heads} q / {config.num_key_value_heads} kv heads x "
+             f"{config.head_dim}, no positional encoding",
+             f"  MoE: {config.n_routed_experts} experts (m={config.moe_intermediate_size}) top-"
+             f"{config.num_experts_per_tok} in width {config.expert_input_size}, shared expert "
+             f"{config.moe_shared_expert_intermediate_size}, scale {config.routed_scaling_factor}"]
+    if config.num_nextn_predict_layers:
+        from .config import layers_to_pattern
+        lines.append(f"  MTP: {config.num_nextn_predict_layers} block(s) '{layers_to_pattern(config.mtp_layers_block_type)}'"
+                     f", shared embedding and head, applied recursively for more depths")
+    fmt = lambda v: f"{v:,} ({v / 1e9:.2f}B)" if v >= 1e9 else f"{v:,} ({v / 1e6:.2f}M)"  # noqa: E731
+    lines += [f"parameters total:            {fmt(n['total'])}",
+              f"parameters active per token: {fmt(n['active'])}  "
+              f"({fmt(n['active'] - config.vocab_size * config.hidden_size)} without the input embedding)"]
+    if n["mtp_total"]:
+        lines.append(f"MTP parameters:              {fmt(n['mtp_total'])} (active {fmt(n['mtp_active'])})")
+    return "\n".join(lines)
+
+
+def info_main(argv):
+    p = argparse.ArgumentParser(prog="nemotron3 info", description="Print the layer plan and parameter counts.")
+    p.add_argument("--preset", help="a built-in architecture (see --list)")
+    p.add_argument("--model", help="a checkpoint directory with config.json")
+    p.add_argument("--list", action="store_true", help="list the presets")
+    args = p.parse_args(argv)
+    if args.list:
+        from .config import PRESETS
+        print("\n".join(PRESETS))
+        return
+    print(describe(_config_for_info(args), args.preset or args.model))
+
+
+def _generate_args(prog):
+    p = argparse.ArgumentParser(prog=prog, description="Generate text from a checkpoint or a random preset.")
+    p.add_argument("--model", help="checkpoint directory (ours or any Hugging Face NemotronH directory)")
+    p.add_argument("--preset", help="random weights of a built-in architecture")
+    p.add_argument("--prompt", default=None, help="text prompt (byte tokenizer unless tokenizer.json is present)")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights dtype when loading --model (auto = as saved)")
+    return p
+
+
+def generate_main(argv):
+    import torch
+
+    from .tokenizer import load_tokenizer
+    args = _generate_args("nemotron3 generate").parse_args(argv)
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature} must be >= 0 (0 = greedy).")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p} must lie in (0, 1].")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
+    model = _load_model(args)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers.") from None
+        tok = None
+    else:
+        if not args.prompt:
+            raise UserError("the prompt is empty; pass --prompt TEXT or --prompt-ids 1,2,3.")
+        tok = load_tokenizer(args.model, model.config.vocab_size)
+        ids = tok.encode(args.prompt)
+    if not ids:
+        raise UserError("the prompt has no tokens; give a non-empty --prompt or --prompt-ids.")
+    x = torch.tensor([ids], device=model.lm_head.weight.device)
+    t0 = time.perf_counter()
+    out = model.generate(x, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    dt = time.perf_counter() - t0
+    new = out[0, len(ids):].tolist()
+    print(tok.decode(new) if tok else ",".join(map(str, new)))
+    print(f"[{len(new)} tokens in {dt:.2f}s, {len(new) / dt:.1f} tok/s]", file=sys.stderr)
+
+
+def demo_main(argv):
+    import tempfile
+
+    import torch
+
+    from . import NemotronForCausalLM, from_preset
+    p = argparse.ArgumentParser(prog="nemotron3 demo", description="Build, describe, save, reload and run a preset.")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="where the checkpoint is written")
+    args = p.parse_args(argv)
+    config = from_preset(args.preset)
+    print(describe(config, args.preset), "\n")
+    torch.manual_seed(0)
+    model = NemotronForCausalLM(config).eval()
+    model.save_pretrained(args.out)
+    again = NemotronForCausalLM.from_pretrained(args.out)
+    files = sorted(os.listdir(args.out))
+    prompt = torch.tensor([list(b"Nemotron 3 is")])
+    with torch.no_grad():
+        same = torch.equal(model(prompt).logits, again(prompt).logits)
+        mtp = again(prompt, mtp_depths=2).mtp_logits if config.num_nextn_predict_layers else []
+    print(f"saved to {args.out} {files}; reloaded: logits identical = {same}")
+    if mtp:
+        print(f"MTP heads: {len(mtp)} depths of logits, each {tuple(mtp[0].shape)}")
+    t0 = time.perf_counter()
+    out = again.generate(prompt, max_new_tokens=24)
+    dt = time.perf_counter() - t0
+    print(f"greedy generate, 24 tokens in {dt * 1000:.0f} ms ({24 / dt:.0f} tok/s): {out[0, prompt.shape[1]:].tolist()}")
+    print("(random weights: the tokens are noise until `nemotron3 train` exists; see ROADMAP)")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print("\ncommands: " + ", ".join(COMMANDS))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    handler = {"info": info_main, "generate": generate_main, "demo": demo_main}[argv[0]]
+    from .checkpoint import CheckpointError
+    try:
+        handler(argv[1:])
+    except (UserError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+        print(f"nemotron3 {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

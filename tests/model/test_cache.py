@@ -1,0 +1,87 @@
+"""HybridCache and cached decoding. Invariants (mamba_ssm / HF style): teacher-forced decode == full forward;
+multi-token prefill with a cache == token by token; batched with left padding == one by one."""
+
+import pytest
+import torch
+
+from nemotron3 import HybridCache, NemotronForCausalLM, from_preset
+from tests.hf_utils import randomize_
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_(NemotronForCausalLM(from_preset("tiny", chunk_size=4))).eval()
+
+
+def test_decode_token_by_token_matches_full_forward(model):
+    ids = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 23)
+        steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(23)], dim=1)
+    assert cache.pos == 23
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", [[5, 1, 9, 8], [1, 22], [11, 12]])
+def test_chunked_prefill_with_cache_matches_full_forward(model, split):
+    ids = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache, parts, start = model.new_cache(2, 23), [], 0
+        for n in split:
+            parts.append(model(ids[:, start:start + n], cache=cache).logits)
+            start += n
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-4)
+
+
+def test_batched_generation_with_left_padding_equals_one_by_one(model):
+    prompts = [[5, 9, 200, 17, 3, 44, 90], [12, 7], [100, 101, 102, 103]]
+    L = max(map(len, prompts))
+    ids = torch.zeros(3, L, dtype=torch.long)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    batched = model.generate(ids, max_new_tokens=10, attention_mask=mask)[:, L:]
+    for i, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([p]), max_new_tokens=10)[0, len(p):]
+        assert torch.equal(batched[i], alone), i
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    ids = torch.tensor([[1, 2, 3]])
+    a = model.generate(ids, 16, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+    b = model.generate(ids, 16, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+    c = model.generate(ids, 16, do_sample=True, temperature=1.5, top_p=0.9, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_eos_stops_and_pads(model):
+    ids = torch.tensor([[1, 2, 3]])
+    first = model.generate(ids, 1)[0, -1].item()
+    out = model.generate(ids, 8, eos_token_id=first)
+    assert out.shape == (1, 4) and out[0, -1].item() == first
+
+
+def test_mamba_state_is_constant_in_sequence_length():
+    cfg = from_preset("tiny")
+    short, long = HybridCache(cfg, 1, 128), HybridCache(cfg, 1, 1024)
+    kv_per_token = 2 * cfg.layers_block_type.count("full_attention") * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert long.nbytes() - short.nbytes() == kv_per_token * (1024 - 128)
+
+
+def test_cache_overflow_and_bad_inputs_are_clear(model):
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="cache holds 4 tokens"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="vocab_size is 256"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="shape \\(batch, seq_len\\)"):
+        model(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.tensor([[1]]), 4, do_sample=True, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(torch.tensor([[1]]), 4, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(torch.tensor([[1]]), 10**6)

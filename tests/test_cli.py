@@ -1,0 +1,52 @@
+"""The command line. Oracle: the published counts (hf_nemotronh.md §9) in `info`'s output, and round trips."""
+
+import pytest
+import torch
+
+from nemotron3 import NemotronForCausalLM, from_preset
+from nemotron3.__main__ import main
+
+
+def test_info_prints_plan_and_counts_without_weights(capsys):
+    assert main(["info", "--preset", "super-120b-a12b"]) == 0
+    out = capsys.readouterr().out
+    assert "120,668,687,360" in out and "12,770,216,960" in out and "2,942,324,736" in out
+    assert "40 x Mamba-2, 8 x attention, 40 x LatentMoE(l=1024)" in out
+
+
+def test_info_on_a_checkpoint(tmp_path, capsys):
+    NemotronForCausalLM(from_preset("tiny")).save_pretrained(tmp_path / "m")
+    assert main(["info", "--model", str(tmp_path / "m")]) == 0
+    assert "M*ME-M*E" in capsys.readouterr().out
+
+
+def test_generate_from_a_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = NemotronForCausalLM(from_preset("tiny")).eval()
+    model.save_pretrained(tmp_path / "m")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt-ids", "1,2,3", "--max-new-tokens", "5"]) == 0
+    got = [int(t) for t in capsys.readouterr().out.strip().split(",")]
+    assert got == model.generate(torch.tensor([[1, 2, 3]]), 5)[0, 3:].tolist()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["info", "--preset", "nope"], "unknown preset"),
+    (["info"], "exactly one of"),
+    (["generate", "--preset", "tiny", "--prompt", ""], "prompt is empty"),
+    (["generate", "--preset", "tiny", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["generate", "--preset", "tiny", "--prompt", "x", "--top-p", "0"], "--top-p"),
+    (["generate", "--preset", "tiny", "--prompt-ids", "1,a"], "comma-separated integers"),
+    (["generate", "--preset", "tiny", "--prompt-ids", "1,999"], "vocab_size is 256"),
+    (["generate", "--model", "/no/such/dir", "--prompt", "x"], "not a directory"),
+    (["generate", "--preset", "tiny", "--prompt", "x", "--max-new-tokens", "100000"], "max_position_embeddings"),
+])
+def test_bad_input_is_one_clear_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "parameters active per token" in out and "logits identical = True" in out
