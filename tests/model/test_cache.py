@@ -85,3 +85,30 @@ def test_cache_overflow_and_bad_inputs_are_clear(model):
         model.generate(torch.tensor([[1]]), 4, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.generate(torch.tensor([[1]]), 10**6)
+
+
+def test_static_decode_step_matches_cached_forward(model):
+    """decode_step (whole KV buffer under a position mask, what compile_decode compiles) == forward's decode."""
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        a, b = model.new_cache(2, 20), model.new_cache(2, 20)
+        model(ids, attention_mask=mask, cache=a)
+        model(ids, attention_mask=mask, cache=b)
+        for t in range(5):
+            nxt = torch.tensor([[7 + t], [40 + t]])
+            ref = model(nxt, cache=a).logits
+            got, _ = model.decode_step(nxt, torch.tensor(b.pos), [b.layer_state(i) for i in range(8)])
+            b.pos += 1
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_compiled_decode_generates_the_same_tokens(model):
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    eager = model.generate(ids, 12, attention_mask=mask)
+    torch.manual_seed(0)
+    compiled = model.generate(ids, 12, attention_mask=mask, compile=True)
+    model._compiled_decode = None
+    assert torch.equal(eager, compiled)

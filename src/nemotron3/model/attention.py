@@ -54,3 +54,18 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
+
+    def step_static(self, x, k_cache, v_cache, valid, pos_t):
+        """One token at position pos_t (0-d tensor) with static shapes for torch.compile: write K/V with index_copy_,
+        attend over the whole buffer with positions > pos_t (and padding) masked out. Same result as forward."""
+        b = x.shape[0]
+        q = self.q_proj(x).view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)           # (b, nH, 1, hd)
+        k = self.k_proj(x).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k_cache.index_copy_(2, pos_t.view(1), k)
+        v_cache.index_copy_(2, pos_t.view(1), v)
+        keep = torch.arange(k_cache.shape[2], device=x.device) <= pos_t                         # (T,)
+        keep = keep[None, None, None, :] if valid is None else (keep & valid)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=keep,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, 1, self.num_heads * self.head_dim))

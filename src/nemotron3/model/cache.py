@@ -51,6 +51,14 @@ class HybridCache:
             self.valid = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=mask.device)
         self.valid[:, self.pos:self.pos + length] = mask.bool()
 
+    def layer_state(self, layer_idx: int) -> tuple:
+        """This layer's tensors: (conv, ssm) for Mamba, (k, v, valid) for attention, () for MoE / MLP."""
+        if layer_idx in self.ssm:
+            return self.conv[layer_idx], self.ssm[layer_idx]
+        if layer_idx in self.kv:
+            return self.attention_kv(layer_idx)
+        return ()
+
     def attention_kv(self, layer_idx: int):
         k, v = self.kv[layer_idx]
         return k, v, self.valid

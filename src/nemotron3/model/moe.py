@@ -79,8 +79,14 @@ def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
     """sum_k w_k * down[id_k](relu(up[id_k] x)^2), computing each expert once on all of its tokens."""
     T, K = ids_TK.shape
     flat_ids = ids_TK.reshape(-1)                                              # (T*K,)
-    if T * K <= up_EML.shape[0]:
-        # few tokens (decode): gather just the chosen experts' weights and run them as one batched matmul
+    if T * K <= up_EML.shape[0] and not (torch.is_grad_enabled() and weights_TK.requires_grad):
+        # few tokens, inference (decode)
+        if x_TL.device.type == "cpu" and not torch.compiler.is_compiling():
+            # run each chosen expert in place: no copy of its weights, no sort (eager CPU)
+            return torch.stack([sum(w * F.linear(relu2(F.linear(x_TL[t], up_EML[e])), down_ELM[e])
+                                    for e, w in zip(es, ws))
+                                for t, (es, ws) in enumerate(zip(ids_TK.tolist(), weights_TK.tolist()))])
+        # on GPUs and under torch.compile: gather the chosen experts' weights, one batched matmul (no host sync)
         h = torch.bmm(up_EML[flat_ids], x_TL.repeat_interleave(K, dim=0)[:, :, None])      # (TK, m, 1)
         y = torch.bmm(down_ELM[flat_ids], relu2(h)).squeeze(-1)                             # (TK, L)
         y = y * weights_TK.reshape(-1, 1).to(y.dtype)

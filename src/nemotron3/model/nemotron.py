@@ -57,16 +57,27 @@ class Block(nn.Module):
         else:
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
+
     def forward(self, h, mask=None, cache: HybridCache | None = None, pos: int = 0):
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "linear_attention":
-            if cache is None:
-                x = self.mixer(x, mask)
-            else:
-                x = self.mixer(x, mask if x.shape[1] > 1 else None,
-                               cache.conv[self.layer_idx], cache.ssm[self.layer_idx])
+            states = (cache.conv[self.layer_idx], cache.ssm[self.layer_idx]) if cache is not None else ()
+            x = self.mixer(x, mask if x.shape[1] > 1 else None, *states)
         elif self.kind == "full_attention":
             x = self.mixer(x, mask, cache.attention_kv(self.layer_idx) if cache is not None else None, pos)
+        else:
+            x = self.mixer(x)
+        residual = h.float() if self.residual_in_fp32 else h
+        return residual + x
+
+    def step(self, h, state: tuple, pos_t: torch.Tensor):
+        """One token, tensors only, static shapes (what compile_decode compiles). state is this layer's
+        HybridCache.layer_state: (conv, ssm) for Mamba, (k, v, valid) for attention, () otherwise."""
+        x = self.norm(h.to(self.norm.weight.dtype))
+        if self.kind == "linear_attention":
+            x = self.mixer(x, None, *state)
+        elif self.kind == "full_attention":
+            x = self.mixer.step_static(x, *state, pos_t)
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
@@ -104,6 +115,7 @@ class NemotronForCausalLM(nn.Module):
             self._rescale_mamba_out_proj()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
+        self._compiled_decode = None
 
     # ---- initialisation, as transformers' NemotronHPreTrainedModel._init_weights ----
     def _init_weights(self, module):
@@ -161,6 +173,12 @@ class NemotronForCausalLM(nn.Module):
         if cache is not None:
             pos = cache.pos
             cache.record_padding(mask, L)
+        if (self._compiled_decode is not None and cache is not None and L == 1 and not mtp_depths
+                and not return_router and logits_to_keep in (0, 1)):
+            logits, h = self._compiled_decode(input_ids, torch.tensor(pos, device=input_ids.device),
+                                              [cache.layer_state(i) for i in range(self.config.num_hidden_layers)])
+            cache.pos += 1
+            return NemotronOutput(logits=logits, hidden_states=h)
         moe_layers = [m for m in self.modules() if isinstance(m, MoE)] if return_router else []
         for m in moe_layers:
             m.record_router = True
@@ -199,6 +217,24 @@ class NemotronForCausalLM(nn.Module):
             raise ValueError(f"the cache was allocated for batch {cache.batch_size}, input_ids has batch {b}.")
         return b, L
 
+    def decode_step(self, ids: torch.Tensor, pos_t: torch.Tensor, states: list[tuple]):
+        """One token per row at position pos_t (0-d tensor) with static shapes: attention reads its whole KV buffer
+        under a position mask (gpt-fast's scheme), so the step is one graph that compile_decode compiles once.
+        Returns (logits (b, 1, V) float32, hidden (b, 1, d)); the caller advances the cache."""
+        h = self.backbone.embeddings(ids)
+        for layer, state in zip(self.backbone.layers, states):
+            h = layer.step(h, state, pos_t)
+        h = self.backbone.norm_f(h)
+        return self.lm_head(h).float(), h
+
+    def compile_decode(self) -> "NemotronForCausalLM":
+        """torch.compile decode_step (one graph per batch size, cache size and padding; a few seconds): fuses the
+        step's hundreds of small ops. forward() then uses it for every one-token step with a cache. Measured in
+        bench/model_speed.py. Idempotent; returns self."""
+        if self._compiled_decode is None:
+            self._compiled_decode = torch.compile(self.decode_step, dynamic=False)
+        return self
+
     # ---- generation (minimal; the engine with speculative decoding lives in infer/) ----
     def new_cache(self, batch_size: int, max_len: int, include_mtp: bool = False) -> HybridCache:
         p = self.lm_head.weight
@@ -208,15 +244,18 @@ class NemotronForCausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, attention_mask=None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 seed: int | None = None) -> torch.Tensor:
+                 seed: int | None = None, compile: bool = False) -> torch.Tensor:
         """Prefill then one cached step per token. Returns (b, prompt + new) ids like HF generate; rows that hit
-        eos are padded with eos afterwards. Prompts of different lengths: left-pad and pass attention_mask."""
+        eos are padded with eos afterwards. Prompts of different lengths: left-pad and pass attention_mask.
+        compile=True compiles the decode step first (see compile_decode)."""
         from .sampling import sample_next_token, check_sampling_args
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         b, L = self._check_inputs(input_ids, None)
         if L + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}; shorten the prompt or ask for fewer tokens.")
+        if compile:
+            self.compile_decode()
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         generator = None
         if seed is not None:
