@@ -165,9 +165,10 @@ class NemotronConfig:
                                      "hybrid_override_pattern='M*ME'.")
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "intermediate_size", "ssm_state_size", "mamba_num_heads", "mamba_head_dim", "n_groups",
-                     "conv_kernel", "chunk_size", "n_routed_experts", "moe_intermediate_size",
+                     "chunk_size", "n_routed_experts", "moe_intermediate_size",
                      "moe_shared_expert_intermediate_size", "num_experts_per_tok", "n_group", "topk_group"):
             need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be a positive integer.")
+        need(self.conv_kernel >= 2, f"conv_kernel={self.conv_kernel} must be >= 2 (Mamba-2 uses 4).")
         need(self.num_nextn_predict_layers >= 0,
              f"num_nextn_predict_layers={self.num_nextn_predict_layers} must be >= 0 (0 = no MTP).")
         need(self.layer_norm_epsilon > 0, f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0, e.g. 1e-5.")

@@ -68,7 +68,7 @@ def test_time_step_limit_is_applied_in_prefill_and_decode():
     x = torch.randn(1, 9, cfg.hidden_size, dtype=torch.float64)
     ref = mamba_mixer_ref(mixer, x, time_step_limit=limit)
     torch.testing.assert_close(mixer(x), ref, rtol=1e-9, atol=1e-9)
-    conv = torch.zeros(1, mixer.conv_dim, cfg.conv_kernel - 1, dtype=torch.float64)
+    conv = torch.zeros(1, cfg.conv_kernel - 1, mixer.conv_dim, dtype=torch.float64)
     ssm = torch.zeros(1, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, dtype=torch.float64)
     steps = torch.cat([mixer(x[:, t:t + 1], None, conv, ssm) for t in range(9)], dim=1)
     torch.testing.assert_close(steps, ref, rtol=1e-9, atol=1e-9)
@@ -81,7 +81,7 @@ def test_decode_steps_and_chunked_prefill_match_full_forward():
     mixer = Mamba2Mixer(cfg).double()
     x = torch.randn(2, 19, cfg.hidden_size, dtype=torch.float64)
     full = mixer(x)
-    conv = torch.zeros(2, mixer.conv_dim, cfg.conv_kernel - 1, dtype=torch.float64)
+    conv = torch.zeros(2, cfg.conv_kernel - 1, mixer.conv_dim, dtype=torch.float64)
     ssm = torch.zeros(2, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, dtype=torch.float64)
     parts = [mixer(x[:, :6], None, conv, ssm), mixer(x[:, 6:7], None, conv, ssm),   # prefill, step, prefill
              mixer(x[:, 7:18], None, conv, ssm), mixer(x[:, 18:], None, conv, ssm)]
@@ -96,3 +96,20 @@ def test_chunked_scan_has_gradients_equal_to_the_recurrence():
     ssd_recurrence_ref(*ref_leaves)[0].square().sum().backward()
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_silu_gradients_match_numerical(bias):
+    from nemotron3.model.mamba2 import causal_conv_silu
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 5, 3, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64),
+            torch.randn(3, generator=g, dtype=torch.float64) if bias else None,
+            torch.randn(2, 3, 3, generator=g, dtype=torch.float64)]
+    args = [a.requires_grad_() if a is not None else None for a in args]
+    assert torch.autograd.gradcheck(causal_conv_silu, args)
+
+
+def test_segsum_exp_gradients_match_numerical():
+    from nemotron3.model.mamba2 import segsum_exp
+    a = (-torch.rand(2, 3, 7, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(segsum_exp, (a,))

@@ -33,7 +33,7 @@ class HybridCache:
                 self.kv[i] = (torch.zeros(kv_shape, device=device, dtype=dtype),
                               torch.zeros(kv_shape, device=device, dtype=dtype))
             elif kind == "linear_attention":
-                self.conv[i] = torch.zeros(batch_size, config.mamba_conv_dim, config.conv_kernel - 1,
+                self.conv[i] = torch.zeros(batch_size, config.conv_kernel - 1, config.mamba_conv_dim,
                                            device=device, dtype=dtype)
                 self.ssm[i] = torch.zeros(batch_size, config.mamba_num_heads, config.mamba_head_dim,
                                           config.ssm_state_size, device=device, dtype=torch.float32)
