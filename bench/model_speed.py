@@ -4,9 +4,10 @@
     python bench/model_speed.py --configs small      # one config
     python bench/model_speed.py --threads 2          # torch threads (default 2, as the published baseline)
 
-Measures, per config: forward+backward training-step tokens/s (batch 4 x 512), prefill tokens/s (batch 4 x 512,
-no grad), and cached greedy decode tokens/s at batch 1 and 4 (prompt 16, 128 new tokens), each for ours and for
-transformers (float32, sdpa, grouped_mm experts, pure-torch Mamba as on any CPU). Beside the decode figures: the
+Measures, per config: forward+backward training-step tokens/s (next-token cross-entropy; batch 4 x 512 for small,
+2 x 512 for medium), prefill tokens/s (batch 4 x 512, no grad), and cached greedy decode tokens/s at batch 1 and 4
+(prompt 16, 128 new tokens), eager and with compile_decode(), each for ours and for transformers' generate
+(float32, sdpa, grouped_mm experts, pure-torch Mamba as on any CPU), whose tokens must be the same. Beside the decode figures: the
 memory roofline = measured copy bandwidth / active fp32 weight bytes per decode step. Writes
 bench/results/model_speed.json and .png. transformers is a test/bench-only dependency (`pip install -e .[dev]`).
 """
@@ -38,10 +39,11 @@ def load_hf(path):
     return hf
 
 
-def train_step(model, ids, hf: bool):
+def train_step(model, ids, labels):
+    """Next-token cross-entropy; labels are shifted (not the logits) so no (b, L, V) copy is made (as HF's loss)."""
     model.zero_grad(set_to_none=True)
     logits = model(ids).logits
-    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
 
 
 def bench_config(name: str, repeats: int, new_tokens: int) -> dict:
@@ -56,9 +58,10 @@ def bench_config(name: str, repeats: int, new_tokens: int) -> dict:
 
     b, L = SHAPES[name]["train"]
     ids = torch.randint(0, cfg.vocab_size, (b, L), generator=g)
+    labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
     ours.train(), hf.train()
-    t_ours = best_time(lambda: train_step(ours, ids, False), repeats)
-    t_hf = best_time(lambda: train_step(hf, ids, True), repeats)
+    t_ours = best_time(lambda: train_step(ours, ids, labels), repeats)
+    t_hf = best_time(lambda: train_step(hf, ids, labels), repeats)
     ours.eval(), hf.eval()
     rows.append(dict(config=name, measure=f"train fwd+bwd {b}x{L}", ours=b * L / t_ours, hf=b * L / t_hf))
 
@@ -69,16 +72,18 @@ def bench_config(name: str, repeats: int, new_tokens: int) -> dict:
         t_hf = best_time(lambda: hf(ids), repeats)
     rows.append(dict(config=name, measure=f"prefill {b}x{L}", ours=b * L / t_ours, hf=b * L / t_hf))
 
-    for b in (1, 4):
-        prompt = torch.randint(0, cfg.vocab_size, (b, 16), generator=g)
-        a = ours.generate(prompt, max_new_tokens=new_tokens)
-        h = hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        same = bool(torch.equal(a, h))
-        t_ours = best_time(lambda: ours.generate(prompt, max_new_tokens=new_tokens), repeats)
-        t_hf = best_time(lambda: hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                                             pad_token_id=0), repeats)
-        rows.append(dict(config=name, measure=f"decode b={b} (16+{new_tokens})", ours=b * new_tokens / t_ours,
-                         hf=b * new_tokens / t_hf, same_tokens=same))
+    hf_gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    for compiled in (False, True):
+        if compiled:
+            ours.compile_decode()
+        for b in (1, 4):
+            prompt = torch.randint(0, cfg.vocab_size, (b, 16), generator=g)
+            a = ours.generate(prompt, max_new_tokens=new_tokens)          # also warms up (and compiles)
+            h = hf.generate(prompt, max_new_tokens=new_tokens, **hf_gen)
+            t_ours = best_time(lambda: ours.generate(prompt, max_new_tokens=new_tokens), repeats, warmup=0)
+            t_hf = best_time(lambda: hf.generate(prompt, max_new_tokens=new_tokens, **hf_gen), repeats, warmup=0)
+            rows.append(dict(config=name, measure=f"decode b={b} (16+{new_tokens}){' compiled' if compiled else ''}",
+                             ours=b * new_tokens / t_ours, hf=b * new_tokens / t_hf, same_tokens=bool(torch.equal(a, h))))
     for r in rows:
         r["ratio"] = r["ours"] / r["hf"]
     n = count_parameters(cfg)

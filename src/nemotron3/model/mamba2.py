@@ -15,7 +15,8 @@ padded to a multiple of Q with dt = 0 (no decay, no input), which leaves outputs
 Differences from HF NemotronHMamba2Mixer, on purpose: dt is clamped to `time_step_limit` (default (0, inf)) in
 prefill, decode and verify alike (HF clamps at time_step_min in prefill only, so its own cached decode disagrees with
 its forward); B and C are never repeated to H heads (matmuls run per group); the conv state keeps the last K-1
-inputs as (b, K-1, channels) (HF keeps K as (b, channels, K)). Left out: the fused CUDA kernels of mamba_ssm (a later issue brings Triton).
+inputs as (b, K-1, channels) (HF keeps K as (b, channels, K)). Left out: the fused CUDA kernels of mamba_ssm (a
+later issue brings Triton kernels).
 """
 
 from __future__ import annotations
@@ -137,25 +138,28 @@ class CausalConvSiLU(torch.autograd.Function):
         b, L, C = x.shape
         K = weight.shape[-1]
         u = torch.cat([window, x], dim=1)                                     # (b, K-1+L, C)
-        pre = bias.expand(b, L, C).clone() if bias is not None else x.new_zeros(b, L, C)
+        pre = x.new_zeros(b, L, C, dtype=torch.promote_types(x.dtype, torch.float32))   # accumulate in >= fp32
+        if bias is not None:
+            pre += bias
         for k in range(K):
             pre.addcmul_(u[:, k:k + L], weight[:, k])
         ctx.save_for_backward(u, weight, pre)
         ctx.has_bias = bias is not None
-        return F.silu(pre)
+        return F.silu(pre).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         u, weight, pre = ctx.saved_tensors
         K, L = weight.shape[-1], grad.shape[1]
-        g = torch.ops.aten.silu_backward(grad.contiguous(), pre)              # d out / d pre
-        grad_u = torch.zeros_like(u)
-        grad_w = torch.empty_like(weight)
+        g = torch.ops.aten.silu_backward(grad.to(pre.dtype).contiguous(), pre)   # d out / d pre
+        grad_u = torch.zeros_like(u, dtype=pre.dtype)
+        grad_w = torch.empty_like(weight, dtype=pre.dtype)
         for k in range(K):
             grad_u[:, k:k + L].addcmul_(g, weight[:, k])
             grad_w[:, k] = (u[:, k:k + L] * g).sum((0, 1))
-        grad_bias = g.sum((0, 1)) if ctx.has_bias else None
-        return grad_u[:, K - 1:], grad_w, grad_bias, grad_u[:, :K - 1]
+        grad_bias = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
+        grad_u = grad_u.to(u.dtype)
+        return grad_u[:, K - 1:], grad_w.to(weight.dtype), grad_bias, grad_u[:, :K - 1]
 
 
 def causal_conv_silu(x, weight, bias=None, window=None):
@@ -179,6 +183,7 @@ class Mamba2Mixer(nn.Module):
         H = self.num_heads
         # in_proj output order is [z | x B C | dt] (HF checklist item 1); the conv sees x, B, C only
         self.in_proj = nn.Linear(self.hidden_size, self.d_inner + self.conv_dim + H, bias=config.use_bias)
+        # an nn.Conv1d for the checkpoint's names and shapes (conv1d.weight (C, 1, K)); causal_conv_silu computes it
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim,
                                 padding=self.conv_kernel - 1, bias=config.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(H))

@@ -95,10 +95,13 @@ def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
     counts = torch.bincount(flat_ids, minlength=up_EML.shape[0]).tolist()
     token_of = order // K
     x_sorted = x_TL[token_of]                                                  # (TK, L)
+    # unbind once: indexing up_EML[e] per expert would make backward allocate and add a full (E, m, L) gradient
+    # for every expert (measured: 4 s of an 8.5 s training step of the 290M benchmark config)
+    ups, downs = up_EML.unbind(0), down_ELM.unbind(0)
     outs = []
     for e, x_e in enumerate(x_sorted.split(counts)):
         if counts[e]:
-            outs.append(F.linear(relu2(F.linear(x_e, up_EML[e])), down_ELM[e]))
+            outs.append(F.linear(relu2(F.linear(x_e, ups[e])), downs[e]))
     y_sorted = torch.cat(outs) * weights_TK.reshape(-1)[order, None].to(x_TL.dtype)        # (TK, L)
     return torch.zeros_like(x_TL).index_add_(0, token_of, y_sorted)
 
