@@ -80,8 +80,8 @@ def bench_config(name: str, repeats: int, new_tokens: int) -> dict:
             prompt = torch.randint(0, cfg.vocab_size, (b, 16), generator=g)
             a = ours.generate(prompt, max_new_tokens=new_tokens)          # also warms up (and compiles)
             h = hf.generate(prompt, max_new_tokens=new_tokens, **hf_gen)
-            t_ours = best_time(lambda: ours.generate(prompt, max_new_tokens=new_tokens), repeats, warmup=0)
-            t_hf = best_time(lambda: hf.generate(prompt, max_new_tokens=new_tokens, **hf_gen), repeats, warmup=0)
+            t_ours = best_time(lambda: ours.generate(prompt, max_new_tokens=new_tokens), repeats + 2, warmup=0)
+            t_hf = best_time(lambda: hf.generate(prompt, max_new_tokens=new_tokens, **hf_gen), repeats + 2, warmup=0)
             rows.append(dict(config=name, measure=f"decode b={b} (16+{new_tokens}){' compiled' if compiled else ''}",
                              ours=b * new_tokens / t_ours, hf=b * new_tokens / t_hf, same_tokens=bool(torch.equal(a, h))))
     for r in rows:
@@ -102,6 +102,9 @@ def plot(rows, path):
     labels = [f"{r['config']}\n{r['measure']}" for r in rows]
     ax.bar(range(len(rows)), [r["ratio"] for r in rows], color="#76b900")
     ax.axhline(1, color="gray", lw=1)
+    for y, what in ((2, "train target 2x"), (3, "decode target 3x")):
+        ax.axhline(y, color="gray", lw=0.8, ls="--")
+        ax.text(len(rows) - 0.5, y, what, ha="right", va="bottom", fontsize=7, color="gray")
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("speed-up vs transformers (same run)")
     ax.set_title("nemotron3 vs transformers NemotronH, float32 CPU")

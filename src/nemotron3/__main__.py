@@ -101,6 +101,8 @@ def _generate_args(prog):
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights dtype when loading --model (auto = as saved)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step first (a few seconds once; ~2x faster decoding on CPU)")
     return p
 
 
@@ -132,7 +134,8 @@ def generate_main(argv):
     x = torch.tensor([ids], device=model.lm_head.weight.device)
     t0 = time.perf_counter()
     out = model.generate(x, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         compile=args.compile)
     dt = time.perf_counter() - t0
     new = out[0, len(ids):].tolist()
     print(tok.decode(new) if tok else ",".join(map(str, new)))
