@@ -154,9 +154,10 @@ class CausalConvSiLU(torch.autograd.Function):
         g = torch.ops.aten.silu_backward(grad.to(pre.dtype).contiguous(), pre)   # d out / d pre
         grad_u = torch.zeros_like(u, dtype=pre.dtype)
         grad_w = torch.empty_like(weight, dtype=pre.dtype)
+        prod = torch.empty_like(g)                      # one scratch buffer for the K products (no allocations)
         for k in range(K):
             grad_u[:, k:k + L].addcmul_(g, weight[:, k])
-            grad_w[:, k] = (u[:, k:k + L] * g).sum((0, 1))
+            grad_w[:, k] = torch.mul(u[:, k:k + L], g, out=prod).sum((0, 1))
         grad_bias = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
         grad_u = grad_u.to(u.dtype)
         return grad_u[:, K - 1:], grad_w.to(weight.dtype), grad_bias, grad_u[:, :K - 1]
