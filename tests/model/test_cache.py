@@ -112,3 +112,31 @@ def test_compiled_decode_generates_the_same_tokens(model):
     compiled = model.generate(ids, 12, attention_mask=mask, compile=True)
     model._compiled_decode = None
     assert torch.equal(eager, compiled)
+
+
+def test_bfloat16_forward_and_cached_decode_track_float32():
+    torch.manual_seed(0)
+    fp32 = NemotronForCausalLM(from_preset("tiny")).eval()
+    bf16 = NemotronForCausalLM(from_preset("tiny")).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, got = fp32(ids).logits, bf16(ids).logits
+        cache = bf16.new_cache(2, 20)
+        steps = torch.cat([bf16(ids[:, :8], cache=cache).logits] +
+                          [bf16(ids[:, t:t + 1], cache=cache).logits for t in range(8, 20)], 1)
+    assert got.dtype == torch.float32 and cache.ssm[0].dtype == torch.float32 and cache.kv[1][0].dtype == torch.bfloat16
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() < 0.05 * scale            # bf16 keeps ~3 significant digits
+    assert (steps - got).abs().max() < 0.05 * scale
+
+
+def test_router_statistics_are_returned_per_moe_layer(model):
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        out = model(ids, return_router=True)
+    assert sorted(out.router) == [3, 7]                       # the 'E' layers of M*ME-M*E
+    r = out.router[3]
+    assert r.ids_TK.shape == (18, 2) and r.scores_TE.shape == (18, 8) and r.weights_TK.dtype == torch.float32
+    assert model(ids).router == {}                             # off by default, and nothing left recorded

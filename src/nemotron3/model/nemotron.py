@@ -193,8 +193,9 @@ class NemotronForCausalLM(nn.Module):
                     raise ValueError("mtp_depths > 0 but this model has no MTP heads (num_nextn_predict_layers=0).")
                 out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask)
                 out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
-            for m in moe_layers:
-                out.router[m.layer_idx] = m.last_router_output
+            for m in moe_layers:                   # MTP layers appear (index >= num_hidden_layers) when they ran
+                if m.last_router_output is not None:
+                    out.router[m.layer_idx] = m.last_router_output
         finally:
             for m in moe_layers:
                 m.record_router, m.last_router_output = False, None
