@@ -261,7 +261,10 @@ class NemotronForCausalLM(nn.Module):
         generator = None
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        cache = self.new_cache(b, L + max_new_tokens)
+        max_len = L + max_new_tokens
+        if self._compiled_decode is not None:   # power-of-two cache lengths, so the compiled step is reused, not
+            max_len = min(max(256, 1 << (max_len - 1).bit_length()), max(max_len, self.config.max_position_embeddings))
+        cache = self.new_cache(b, max_len)      # recompiled, across calls with other lengths
         logits = self(input_ids, attention_mask, cache, logits_to_keep=1).logits[:, -1]
         out = torch.empty(b, max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
