@@ -4,8 +4,8 @@
     python bench/model_speed.py --configs small      # one config
     python bench/model_speed.py --threads 2          # torch threads (default 2, as the published baseline)
 
-Measures, per config: forward+backward training-step tokens/s (next-token cross-entropy; batch 4 x 512 for small,
-2 x 512 for medium), prefill tokens/s (batch 4 x 512, no grad), and cached greedy decode tokens/s at batch 1 and 4
+Measures, per config: training-step tokens/s (forward with labels + backward, each library's own loss; batch
+4 x 512 for small, 2 x 512 for medium), prefill tokens/s (batch 4 x 512, no grad), and cached greedy decode tokens/s at batch 1 and 4
 (prompt 16, 128 new tokens), eager and with compile_decode(), each for ours and for transformers' generate
 (float32, sdpa, grouped_mm experts, pure-torch Mamba as on any CPU), whose tokens must be the same. Beside the decode figures: the
 memory roofline = measured copy bandwidth / active fp32 weight bytes per decode step. Writes
@@ -39,11 +39,11 @@ def load_hf(path):
     return hf
 
 
-def train_step(model, ids, labels):
-    """Next-token cross-entropy; labels are shifted (not the logits) so no (b, L, V) copy is made (as HF's loss)."""
+def train_step(model, ids):
+    """Each library's own training step: forward with labels=ids (next-token loss, shifted inside), backward.
+    transformers materialises float32 logits and calls cross_entropy; ours fuses the loss with the LM head."""
     model.zero_grad(set_to_none=True)
-    logits = model(ids).logits
-    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    model(ids, labels=ids).loss.backward()
 
 
 def bench_config(name: str, repeats: int, new_tokens: int) -> dict:
@@ -58,10 +58,11 @@ def bench_config(name: str, repeats: int, new_tokens: int) -> dict:
 
     b, L = SHAPES[name]["train"]
     ids = torch.randint(0, cfg.vocab_size, (b, L), generator=g)
-    labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
     ours.train(), hf.train()
-    t_ours = best_time(lambda: train_step(ours, ids, labels), repeats)
-    t_hf = best_time(lambda: train_step(hf, ids, labels), repeats)
+    loss_ours, loss_hf = ours(ids, labels=ids).loss.item(), hf(ids, labels=ids).loss.item()
+    assert abs(loss_ours - loss_hf) < 1e-4, (loss_ours, loss_hf)          # the same step, not just a fast one
+    t_ours = best_time(lambda: train_step(ours, ids), repeats)
+    t_hf = best_time(lambda: train_step(hf, ids), repeats)
     ours.eval(), hf.eval()
     rows.append(dict(config=name, measure=f"train fwd+bwd {b}x{L}", ours=b * L / t_ours, hf=b * L / t_hf))
 

@@ -140,3 +140,32 @@ def test_router_statistics_are_returned_per_moe_layer(model):
     r = out.router[3]
     assert r.ids_TK.shape == (18, 2) and r.scores_TE.shape == (18, 8) and r.weights_TK.dtype == torch.float32
     assert model(ids).router == {}                             # off by default, and nothing left recorded
+
+
+def test_labels_loss_matches_logits_cross_entropy_in_value_and_gradient():
+    """Oracle: F.cross_entropy on the materialised float64 logits (the fused loss never builds them)."""
+    torch.manual_seed(0)
+    model = randomize_(NemotronForCausalLM(from_preset("tiny"))).double()
+    ids = torch.randint(0, 256, (3, 11))
+    labels = ids.clone()
+    labels[0, 4] = -100
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[2, :3] = 0
+    from nemotron3.model import loss as loss_mod
+    out = model(ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(ids, attention_mask=mask).hidden_states @ model.lm_head.weight.T       # float64 throughout
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).masked_fill(
+        torch.nn.functional.pad(mask[:, 1:], (0, 1)) == 0, -100)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+    small_chunks = loss_mod.next_token_loss(model(ids).hidden_states, model.lm_head.weight,
+                                            torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100), chunk_rows=4)
+    assert torch.isclose(small_chunks, model(ids, labels=ids).loss)

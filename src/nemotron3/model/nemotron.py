@@ -23,6 +23,7 @@ from ..config import NemotronConfig
 from .attention import Attention
 from .cache import HybridCache
 from .latent_moe import build_moe
+from .loss import next_token_loss
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
 from .moe import Experts, MoE, RouterOutput, TopKRouter
@@ -37,6 +38,7 @@ class NemotronOutput:
     mtp_logits: list[torch.Tensor] = field(default_factory=list)   # per depth k: predicts x_{t+k+1} at position t
     mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)
     router: dict[int, RouterOutput] = field(default_factory=dict)  # MoE layer index -> routing of this forward
+    loss: torch.Tensor | None = None                   # next-token cross-entropy when labels were given
 
 
 class Block(nn.Module):
@@ -154,12 +156,14 @@ class NemotronForCausalLM(nn.Module):
 
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: HybridCache | None = None, *, logits_to_keep: int = 0, mtp_depths: int = 0,
-                return_router: bool = False) -> NemotronOutput:
+                cache: HybridCache | None = None, *, labels: torch.Tensor | None = None, logits_to_keep: int = 0,
+                mtp_depths: int = 0, return_router: bool = False) -> NemotronOutput:
         """input_ids (b, L). attention_mask (b, L), or (b, cache.pos + L) as HF generate passes it; 1 = token,
         0 = left padding. With `cache`, the tokens continue the cached sequence and the cache is advanced.
         logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D also returns the
-        MTP logits of depths 1..D (teacher-forced on input_ids)."""
+        MTP logits of depths 1..D (teacher-forced on input_ids). labels (b, L), as in HF (the inputs themselves;
+        shifted here, -100 ignored), adds .loss, computed fused with the LM head (loss.py) without materialising
+        the logits: then .logits is None unless logits_to_keep asks for some."""
         b, L = self._check_inputs(input_ids, cache)
         mask = None
         if attention_mask is not None:
@@ -186,8 +190,18 @@ class NemotronForCausalLM(nn.Module):
             h = self.backbone(input_ids, mask, cache, pos)
             if cache is not None:
                 cache.pos += L
-            out = NemotronOutput(logits=self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float(),
-                                 hidden_states=h)
+            if labels is not None:
+                if labels.shape != input_ids.shape:
+                    raise ValueError(f"labels has shape {tuple(labels.shape)}; it must match input_ids "
+                                     f"{tuple(input_ids.shape)} (pass the input ids; they are shifted here).")
+                shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+                if mask is not None:
+                    shifted = shifted.masked_fill(F.pad(mask[:, 1:], (0, 1)) == 0, -100)
+                loss = next_token_loss(h, self.lm_head.weight, shifted)
+            logits = None
+            if labels is None or logits_to_keep:
+                logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
+            out = NemotronOutput(logits=logits, hidden_states=h, loss=loss if labels is not None else None)
             if mtp_depths:
                 if self.mtp is None:
                     raise ValueError("mtp_depths > 0 but this model has no MTP heads (num_nextn_predict_layers=0).")
