@@ -47,8 +47,9 @@ def test_bias_changes_choice_but_not_weights():
     assert others.shape == (16, cfg.num_experts_per_tok - 1)
 
 
-@pytest.mark.parametrize("T", [1, 3, 50])   # T*K <= E takes the gathered-weights path, larger T the sorted one
-def test_routed_experts_match_per_token_reference(T):
+@pytest.mark.parametrize("T,schedule", [(1, "one token in place"), (3, "sorted"), (50, "sorted"),
+                                         (2, "gathered, under torch.compile")])
+def test_routed_experts_match_per_token_reference(T, schedule):
     torch.manual_seed(T)
     E, m, L, K = 8, 12, 10, 3
     up, down = torch.randn(E, m, L), torch.randn(E, L, m)
@@ -56,7 +57,9 @@ def test_routed_experts_match_per_token_reference(T):
     ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
     w = torch.rand(T, K)
     routing = [{int(e): float(v) for e, v in zip(ids[t], w[t])} for t in range(T)]
-    y = routed_experts(x, ids, w, up, down)
+    fn = torch.compile(routed_experts, dynamic=False) if "compile" in schedule else routed_experts
+    with torch.no_grad():
+        y = fn(x, ids, w, up, down)
     torch.testing.assert_close(y.double(), experts_ref(x, routing, up, down), rtol=1e-5, atol=1e-4)
 
 

@@ -14,7 +14,8 @@ The router, the experts and the dispatch are separate pieces so a trainer can up
 balancing) and expert parallelism can replace `routed_experts` (tokens -> experts -> combine) from outside.
 Expert weights are fused 3-D parameters, experts.up_proj (E, m, L) and experts.down_proj (E, L, m), as in HF's
 memory layout; checkpoint.py maps them to the per-expert keys on disk. The dispatch loops over experts that got
-tokens (never over tokens); on CPU this beats torch's grouped_mm (measured 1.1 ms vs 1.4 ms, E=16, T*K=2048).
+tokens (never over tokens); on CPU this beats torch's grouped_mm (measured 1.1 ms vs 1.4 ms, E=16, T*K=2048), whose
+CPU backward also fails in torch 2.13.
 """
 
 from __future__ import annotations
@@ -76,21 +77,29 @@ class Experts(nn.Module):
 
 
 def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
-    """sum_k w_k * down[id_k](relu(up[id_k] x)^2), computing each expert once on all of its tokens."""
+    """sum_k w_k * down[id_k](relu(up[id_k] x)^2), computing each expert once on all of its tokens.
+    Three schedules of the same sum: sorted by expert (training, prefill, batched CPU decode); one token's K experts
+    in place (batch-1 eager CPU decode: no sort, no weight copy); the chosen experts' weights gathered into one
+    batched matmul (few tokens on GPUs and under torch.compile: no host sync)."""
     T, K = ids_TK.shape
-    flat_ids = ids_TK.reshape(-1)                                              # (T*K,)
-    if T * K <= up_EML.shape[0] and not (torch.is_grad_enabled() and weights_TK.requires_grad):
-        # few tokens, inference (decode)
-        if x_TL.device.type == "cpu" and not torch.compiler.is_compiling():
-            # run each chosen expert in place: no copy of its weights, no sort (eager CPU)
-            return torch.stack([sum(w * F.linear(relu2(F.linear(x_TL[t], up_EML[e])), down_ELM[e])
-                                    for e, w in zip(es, ws))
-                                for t, (es, ws) in enumerate(zip(ids_TK.tolist(), weights_TK.tolist()))])
-        # on GPUs and under torch.compile: gather the chosen experts' weights, one batched matmul (no host sync)
+    inference = not (torch.is_grad_enabled() and weights_TK.requires_grad)
+    eager_cpu = x_TL.device.type == "cpu" and not torch.compiler.is_compiling()
+    if inference and eager_cpu and T == 1:
+        x = x_TL[0]
+        return sum(w * F.linear(relu2(F.linear(x, up_EML[e])), down_ELM[e])
+                   for e, w in zip(ids_TK[0].tolist(), weights_TK[0].tolist()))[None]
+    if inference and not eager_cpu and T * K <= up_EML.shape[0]:
+        flat_ids = ids_TK.reshape(-1)                                          # (T*K,)
         h = torch.bmm(up_EML[flat_ids], x_TL.repeat_interleave(K, dim=0)[:, :, None])      # (TK, m, 1)
         y = torch.bmm(down_ELM[flat_ids], relu2(h)).squeeze(-1)                             # (TK, L)
-        y = y * weights_TK.reshape(-1, 1).to(y.dtype)
-        return y.view(T, K, -1).sum(1)
+        return (y * weights_TK.reshape(-1, 1).to(y.dtype)).view(T, K, -1).sum(1)
+    return _sorted_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM)
+
+
+def _sorted_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
+    """The general path: sort the T*K (token, expert) slots by expert, run each expert once on its tokens."""
+    K = ids_TK.shape[1]
+    flat_ids = ids_TK.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)                              # token-slots sorted by expert
     counts = torch.bincount(flat_ids, minlength=up_EML.shape[0]).tolist()
     token_of = order // K

@@ -33,7 +33,7 @@ from .norm import RMSNorm
 
 @dataclass
 class NemotronOutput:
-    logits: torch.Tensor                               # (b, L or logits_to_keep, V) float32
+    logits: torch.Tensor | None                        # (b, L or logits_to_keep, V) float32
     hidden_states: torch.Tensor                        # (b, L, d) after norm_f: the input of MTP and of RL heads
     mtp_logits: list[torch.Tensor] = field(default_factory=list)   # per depth k: predicts x_{t+k+1} at position t
     mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)
@@ -165,24 +165,23 @@ class NemotronForCausalLM(nn.Module):
         shifted here, -100 ignored), adds .loss, computed fused with the LM head (loss.py) without materialising
         the logits: then .logits is None unless logits_to_keep asks for some."""
         b, L = self._check_inputs(input_ids, cache)
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[:, -L:]
-            if mask.shape != (b, L):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {L}) or "
-                                 f"({b}, cached + {L}) to match input_ids.")
-            if bool(mask.all()):
-                mask = None
+        mask = self._new_token_mask(attention_mask, b, L)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}; it must match input_ids "
+                             f"{tuple(input_ids.shape)} (pass the input ids; they are shifted here).")
+        if mtp_depths and self.mtp is None:
+            raise ValueError("mtp_depths > 0 but this model has no MTP heads (num_nextn_predict_layers=0).")
         pos = 0
         if cache is not None:
             pos = cache.pos
             cache.record_padding(mask, L)
-        if (self._compiled_decode is not None and cache is not None and L == 1 and not mtp_depths
-                and not return_router and logits_to_keep in (0, 1)):
+        if (self._compiled_decode is not None and cache is not None and L == 1 and labels is None
+                and not mtp_depths and not return_router and logits_to_keep in (0, 1)):
             logits, h = self._compiled_decode(input_ids, torch.tensor(pos, device=input_ids.device),
                                               [cache.layer_state(i) for i in range(self.config.num_hidden_layers)])
             cache.pos += 1
             return NemotronOutput(logits=logits, hidden_states=h)
+
         moe_layers = [m for m in self.modules() if isinstance(m, MoE)] if return_router else []
         for m in moe_layers:
             m.record_router = True
@@ -190,21 +189,15 @@ class NemotronForCausalLM(nn.Module):
             h = self.backbone(input_ids, mask, cache, pos)
             if cache is not None:
                 cache.pos += L
+            out = NemotronOutput(logits=None, hidden_states=h)
             if labels is not None:
-                if labels.shape != input_ids.shape:
-                    raise ValueError(f"labels has shape {tuple(labels.shape)}; it must match input_ids "
-                                     f"{tuple(input_ids.shape)} (pass the input ids; they are shifted here).")
-                shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+                targets = F.pad(labels[:, 1:], (0, 1), value=-100)                # predict token t+1 at t
                 if mask is not None:
-                    shifted = shifted.masked_fill(F.pad(mask[:, 1:], (0, 1)) == 0, -100)
-                loss = next_token_loss(h, self.lm_head.weight, shifted)
-            logits = None
+                    targets = targets.masked_fill(F.pad(mask[:, 1:], (0, 1)) == 0, -100)
+                out.loss = next_token_loss(h, self.lm_head.weight, targets)
             if labels is None or logits_to_keep:
-                logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
-            out = NemotronOutput(logits=logits, hidden_states=h, loss=loss if labels is not None else None)
+                out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
             if mtp_depths:
-                if self.mtp is None:
-                    raise ValueError("mtp_depths > 0 but this model has no MTP heads (num_nextn_predict_layers=0).")
                 out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask)
                 out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
             for m in moe_layers:                   # MTP layers appear (index >= num_hidden_layers) when they ran
@@ -214,6 +207,17 @@ class NemotronForCausalLM(nn.Module):
             for m in moe_layers:
                 m.record_router, m.last_router_output = False, None
         return out
+
+    @staticmethod
+    def _new_token_mask(attention_mask, b: int, L: int):
+        """The (b, L) padding mask of the new tokens, or None when there is no padding."""
+        if attention_mask is None:
+            return None
+        mask = attention_mask[:, -L:]
+        if mask.shape != (b, L):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {L}) or "
+                             f"({b}, cached + {L}) to match input_ids.")
+        return None if bool(mask.all()) else mask
 
     def _check_inputs(self, input_ids, cache):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
