@@ -169,3 +169,17 @@ def test_labels_loss_matches_logits_cross_entropy_in_value_and_gradient():
     small_chunks = loss_mod.next_token_loss(model(ids).hidden_states, model.lm_head.weight,
                                             torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100), chunk_rows=4)
     assert torch.isclose(small_chunks, model(ids, labels=ids).loss)
+
+
+def test_bf16_autocast_training_step_runs_and_tracks_float32():
+    torch.manual_seed(0)
+    model = NemotronForCausalLM(from_preset("tiny")).train()
+    ids = torch.randint(0, 256, (2, 37))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    ref = model(ids, labels=ids).loss
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 0.02
+    for name, p in model.named_parameters():
+        if not name.startswith("mtp."):
+            assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), name

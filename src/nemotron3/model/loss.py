@@ -38,14 +38,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad_w is not None:
                 grad_w.addmm_(G.T, h_c.to(ct))
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
-        ctx.has_grad_w = grad_w is not None
+        ctx.has_grad_w, ctx.weight_dtype = grad_w is not None, weight.dtype
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_loss.to(grad_h.dtype)
-        gw = (grad_w * grad_loss).to(grad_h.dtype) if ctx.has_grad_w else None
+        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if ctx.has_grad_w else None
         return gh, gw, None, None, None
 
 
