@@ -80,6 +80,7 @@ def test_time_step_limit_infinity_is_written_the_transformers_way(tmp_path):
     (dict(moe_latent_size=64), "strictly between 0 and hidden_size"),
     (dict(hidden_size=0), "hidden_size=0 must be a positive"),
     (dict(time_step_limit=(0.5, 0.1)), "time_step_limit"),
+    (dict(time_step_limit=0.1), "must be two numbers"),
     (dict(mlp_hidden_act="gelu"), "relu2"),
     (dict(hidden_size="64"), "hidden_size must be of type int"),
     (dict(num_hidden_layers=3), "disagrees"),

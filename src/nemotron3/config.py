@@ -120,8 +120,12 @@ class NemotronConfig:
     def __post_init__(self):
         self.layers_block_type = _normalise_layers(self.layers_block_type, "layers_block_type")
         self.mtp_layers_block_type = _normalise_layers(self.mtp_layers_block_type, "mtp_layers_block_type")
-        if isinstance(self.time_step_limit, (list, tuple)) and len(self.time_step_limit) == 2:
-            self.time_step_limit = tuple(_decode_float(v) for v in self.time_step_limit)
+        try:
+            lo, hi = (_decode_float(v) for v in self.time_step_limit)
+        except (TypeError, ValueError):
+            raise ValueError(f"time_step_limit={self.time_step_limit!r} must be two numbers (low, high), e.g. "
+                             f"(0.0, inf).") from None
+        self.time_step_limit = (lo, hi)
         self._check_types()
         self._validate()
 
@@ -182,9 +186,9 @@ class NemotronConfig:
         need(self.mamba_num_heads % self.n_groups == 0,
              f"mamba_num_heads={self.mamba_num_heads} is not a multiple of n_groups={self.n_groups}; each B/C "
              f"group must serve a whole number of heads.")
-        lo, hi = self.time_step_limit if len(self.time_step_limit) == 2 else (None, None)
-        need(lo is not None and 0 <= lo <= hi, f"time_step_limit={self.time_step_limit} must be (low, high) with "
-                                               f"0 <= low <= high, e.g. (0.0, inf).")
+        lo, hi = self.time_step_limit
+        need(0 <= lo <= hi, f"time_step_limit={self.time_step_limit} must be (low, high) with 0 <= low <= high, "
+                            f"e.g. (0.0, inf).")
         uses_moe = "moe" in self.layers_block_type or (
             self.num_nextn_predict_layers > 0 and "moe" in self.mtp_layers_block_type)
         if uses_moe:
