@@ -75,3 +75,21 @@ def test_mtp_request_without_heads_is_an_error():
     model = NemotronForCausalLM(from_preset("tiny", num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="no MTP heads"):
         model(torch.tensor([[1, 2]]), mtp_depths=1)
+
+
+def test_mtp_losses_and_accuracies_match_materialised_logits():
+    """Oracle: F.cross_entropy on lm_head(h^k) against x_{t+k+1} (nemotron3_spec.md §2.2), float64."""
+    torch.manual_seed(0)
+    model = randomize_(NemotronForCausalLM(from_preset("tiny"))).double()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    out = model(ids, labels=ids, mtp_depths=2)
+    assert out.mtp_logits == [] and len(out.mtp_losses) == 2
+    ref = model(ids, mtp_depths=2)
+    for k, (loss_k, acc_k, logits_k) in enumerate(zip(out.mtp_losses, out.mtp_accuracies, ref.mtp_hidden_states), 1):
+        logits = logits_k @ model.lm_head.weight.T
+        target = torch.nn.functional.pad(ids[:, k + 1:], (0, k + 1), value=-100)
+        torch.testing.assert_close(loss_k, torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()))
+        valid = target != -100
+        assert acc_k.item() == pytest.approx((logits.argmax(-1) == target)[valid].double().mean().item())
+    (out.loss + 0.3 / 2 * sum(out.mtp_losses)).backward()      # Super's combination trains the shared MTP block
+    assert model.mtp.layers[0].eh_proj.weight.grad.abs().sum() > 0

@@ -23,7 +23,7 @@ from ..config import NemotronConfig
 from .attention import Attention
 from .cache import HybridCache
 from .latent_moe import build_moe
-from .loss import next_token_loss
+from .loss import fused_linear_cross_entropy
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
 from .moe import Experts, MoE, RouterOutput, TopKRouter
@@ -39,6 +39,18 @@ class NemotronOutput:
     mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)
     router: dict[int, RouterOutput] = field(default_factory=dict)  # MoE layer index -> routing of this forward
     loss: torch.Tensor | None = None                   # next-token cross-entropy when labels were given
+    accuracy: torch.Tensor | None = None               # its top-1 accuracy
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)      # per MTP depth k: CE against token t+k+1
+    mtp_accuracies: list[torch.Tensor] = field(default_factory=list)
+
+
+def shifted_targets(labels: torch.Tensor, mask: torch.Tensor | None, shift: int) -> torch.Tensor:
+    """targets[t] = labels[t + shift]; -100 (ignored) past the end, and where position t or t + shift is padding."""
+    targets = F.pad(labels[:, shift:], (0, shift), value=-100)
+    if mask is not None:
+        real = mask.bool() & F.pad(mask[:, shift:].bool(), (0, shift), value=False)
+        targets = targets.masked_fill(~real, -100)
+    return targets
 
 
 class Block(nn.Module):
@@ -162,8 +174,10 @@ class NemotronForCausalLM(nn.Module):
         0 = left padding. With `cache`, the tokens continue the cached sequence and the cache is advanced.
         logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D also returns the
         MTP logits of depths 1..D (teacher-forced on input_ids). labels (b, L), as in HF (the inputs themselves;
-        shifted here, -100 ignored), adds .loss, computed fused with the LM head (loss.py) without materialising
-        the logits: then .logits is None unless logits_to_keep asks for some."""
+        shifted here, -100 ignored), adds .loss and .accuracy (and with mtp_depths, .mtp_losses / .mtp_accuracies
+        per depth), computed fused with the LM head (loss.py) without materialising logits: then .logits and
+        .mtp_logits stay empty unless logits_to_keep asks for some. Combining them (L + lambda/D sum L_k) is the
+        trainer's choice."""
         b, L = self._check_inputs(input_ids, cache)
         mask = self._new_token_mask(attention_mask, b, L)
         if labels is not None and labels.shape != input_ids.shape:
@@ -191,15 +205,20 @@ class NemotronForCausalLM(nn.Module):
                 cache.pos += L
             out = NemotronOutput(logits=None, hidden_states=h)
             if labels is not None:
-                targets = F.pad(labels[:, 1:], (0, 1), value=-100)                # predict token t+1 at t
-                if mask is not None:
-                    targets = targets.masked_fill(F.pad(mask[:, 1:], (0, 1)) == 0, -100)
-                out.loss = next_token_loss(h, self.lm_head.weight, targets)
+                out.loss, out.accuracy = fused_linear_cross_entropy(h, self.lm_head.weight,
+                                                                    shifted_targets(labels, mask, 1))
             if labels is None or logits_to_keep:
                 out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
             if mtp_depths:
                 out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask)
-                out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
+                if labels is None:
+                    out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
+                else:   # depth k at position t predicts token t+k+1 (nemotron3_spec.md §2.2)
+                    for k, hk in enumerate(out.mtp_hidden_states, start=1):
+                        loss_k, acc_k = fused_linear_cross_entropy(hk, self.lm_head.weight,
+                                                                   shifted_targets(labels, mask, k + 1))
+                        out.mtp_losses.append(loss_k)
+                        out.mtp_accuracies.append(acc_k)
             for m in moe_layers:                   # MTP layers appear (index >= num_hidden_layers) when they ran
                 if m.last_router_output is not None:
                     out.router[m.layer_idx] = m.last_router_output
