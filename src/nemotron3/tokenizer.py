@@ -8,14 +8,15 @@ import os
 
 
 class ByteTokenizer:
+    """ids 0..255 are the UTF-8 bytes; 0 (NUL, absent from text) doubles as the end-of-document token."""
     vocab_size = 256
-    eos_token_id = None
+    eos_token_id = 0
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:

@@ -1,0 +1,206 @@
+"""Training data: a built-in synthetic corpus (no download), user text / JSONL files tokenized once into a
+memory-mapped token file, packing into fixed-length windows, and a sampler whose state resumes exactly.
+
+Built-in corpus (deterministic by seed, held-out split from a different seed stream), three kinds of document
+with learnable structure:
+    arithmetic   "Q: 47+85=?\n<think>7+5=12, write 2 carry 1. 4+8+1=13, write 13.</think>\nA: 132\n"
+    retrieval    "k17=v4 k3=v9 ... (filler) ... k3? v9\n"          a key-value lookup over filler
+    prose        templated sentences ("The red fox sees the old tree.")
+Documents are joined with the end-of-document token and cut into windows of seq_len + 1 tokens (inputs and
+next-token labels overlap by one), the usual pretraining packing; a document may span two windows.
+
+Token files: `<name>.bin` (uint16 if the vocabulary fits, else uint32) + `<name>.json` (dtype, count, tokenizer).
+Bad input (missing or empty file, invalid JSON, a JSONL line without the text field, undecodable bytes) raises
+DataError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the file (and line) and what to fix."""
+
+
+# ---- the built-in corpus ----
+_ADJ = ["red", "old", "quiet", "small", "bright", "tall", "green", "cold"]
+_NOUN = ["fox", "tree", "river", "house", "bird", "stone", "child", "boat"]
+_VERB = ["sees", "finds", "passes", "follows", "watches", "leaves"]
+
+
+def arithmetic_doc(rng: random.Random, max_digits: int = 2) -> str:
+    """An addition with its column-by-column reasoning inside <think>...</think>."""
+    a, b = rng.randrange(10 ** max_digits), rng.randrange(10 ** max_digits)
+    steps, carry = [], 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        steps.append(f"{x}+{y}{f'+{carry}' if carry else ''}={s}")
+        carry = s // 10
+    return f"Q: {a}+{b}=?\n<think>{', '.join(steps)}.</think>\nA: {a + b}\n"
+
+
+def retrieval_doc(rng: random.Random, n_pairs: int = 6, filler_words: int = 12) -> str:
+    keys = rng.sample(range(100), n_pairs)
+    pairs = {k: rng.randrange(100) for k in keys}
+    filler = " ".join(rng.choice(_NOUN) for _ in range(filler_words))
+    q = rng.choice(keys)
+    return " ".join(f"k{k}=v{v}" for k, v in pairs.items()) + f" {filler} k{q}? v{pairs[q]}\n"
+
+
+def prose_doc(rng: random.Random, sentences: int = 3) -> str:
+    return " ".join(f"The {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_VERB)} the {rng.choice(_ADJ)} "
+                    f"{rng.choice(_NOUN)}." for _ in range(sentences)) + "\n"
+
+
+def builtin_documents(seed: int, split: str = "train"):
+    """Endless deterministic stream of documents; 'heldout' draws from a disjoint seed stream."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}; use 'train' or 'heldout'.")
+    rng = random.Random(f"nemotron3-builtin-{seed}-{split}")
+    kinds = (arithmetic_doc, arithmetic_doc, retrieval_doc, prose_doc)        # half arithmetic
+    while True:
+        yield rng.choice(kinds)(rng)
+
+
+def builtin_tokens(tokenizer, n_tokens: int, seed: int = 0, split: str = "train") -> np.ndarray:
+    """The first n_tokens of the built-in stream, documents separated by the tokenizer's eos id."""
+    out, n = [], 0
+    for doc in builtin_documents(seed, split):
+        ids = tokenizer.encode(doc) + [tokenizer.eos_token_id]
+        out.append(ids)
+        n += len(ids)
+        if n >= n_tokens:
+            break
+    return np.asarray([t for ids in out for t in ids][:n_tokens], dtype=np.int64)
+
+
+# ---- user files -> memory-mapped tokens ----
+def read_documents(path: str, field: str = "text"):
+    """Yield the documents of a .txt (the whole file) or .jsonl (one JSON object per line, text in `field`)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file.")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty.")
+    if path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the "
+                                    f"file as UTF-8.") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}).") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise DataError(f"{path}:{lineno}: no string field {field!r} (found {keys}); pass the right "
+                                    f"field name.")
+                yield obj[field]
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 ({e.reason}); re-encode the file as UTF-8.") from None
+
+
+def tokenize_to_file(paths: list[str], tokenizer, out_prefix: str, field: str = "text") -> str:
+    """Tokenize documents once into out_prefix.bin (+ .json metadata); returns the .bin path. Written to a
+    temporary name and renamed, so an interrupted run leaves no half file behind."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+    tmp = out_prefix + ".bin.tmp"
+    count = 0
+    try:
+        with open(tmp, "wb") as f:
+            for path in paths:
+                for doc in read_documents(path, field):
+                    ids = np.asarray(tokenizer.encode(doc) + [tokenizer.eos_token_id], dtype=dtype)
+                    f.write(ids.tobytes())
+                    count += len(ids)
+        if count == 0:
+            raise DataError(f"{paths}: no tokens (all documents empty).")
+    except BaseException:
+        os.remove(tmp)
+        raise
+    os.replace(tmp, out_prefix + ".bin")
+    with open(out_prefix + ".json", "w") as f:
+        json.dump({"dtype": np.dtype(dtype).name, "count": count, "sources": list(paths)}, f)
+    return out_prefix + ".bin"
+
+
+def load_token_file(bin_path: str) -> np.ndarray:
+    meta_path = bin_path[:-len(".bin")] + ".json"
+    if not os.path.exists(meta_path):
+        raise DataError(f"{bin_path}: metadata {meta_path} is missing; re-run tokenization.")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["count"],))
+
+
+# ---- packing and sampling ----
+class PackedWindows:
+    """Non-overlapping windows of seq_len + 1 tokens over a token array (the tail that does not fill one is dropped)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        if len(tokens) < seq_len + 1:
+            raise DataError(f"the data has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
+                            f"{seq_len + 1}; add data or lower --seq-len.")
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        s = i * self.seq_len
+        return torch.from_numpy(np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64))
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    position: int = 0                  # windows already served in this epoch
+
+
+class ResumableSampler:
+    """Shuffled batches of window indices; epoch e uses permutation seed (seed, e). state() / load() resume exactly.
+    With world_size > 1 each rank takes every world_size-th window of a global batch."""
+
+    def __init__(self, n_windows: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if n_windows < batch_size * world_size:
+            raise DataError(f"{n_windows} windows cannot fill a global batch of {batch_size * world_size}; add data "
+                            f"or lower --batch-size / --seq-len.")
+        self.n, self.batch_size, self.seed = n_windows, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.state = SamplerState()
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+
+    def next_batch(self) -> list[int]:
+        g = self.batch_size * self.world_size
+        if self.state.position + g > self.n:                                   # drop the ragged end of an epoch
+            self.state = SamplerState(self.state.epoch + 1, 0)
+        idx = self._perm(self.state.epoch)[self.state.position:self.state.position + g]
+        self.state.position += g
+        return idx[self.rank::self.world_size].tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "position": self.state.position}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = SamplerState(int(d["epoch"]), int(d["position"]))

@@ -1,0 +1,84 @@
+"""Training data. Oracles: Python's own arithmetic for the generated sums, hand-written files with known defects,
+and re-running the sampler from scratch for resume."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from nemotron3.tokenizer import ByteTokenizer
+from nemotron3.train.data import (DataError, PackedWindows, ResumableSampler, builtin_documents, builtin_tokens,
+                                  load_token_file, tokenize_to_file)
+
+
+def take(gen, n):
+    return [next(gen) for _ in range(n)]
+
+
+def test_builtin_corpus_is_deterministic_with_a_distinct_heldout_split():
+    assert take(builtin_documents(0), 50) == take(builtin_documents(0), 50)
+    assert take(builtin_documents(0), 50) != take(builtin_documents(1), 50)
+    assert take(builtin_documents(0, "train"), 50) != take(builtin_documents(0, "heldout"), 50)
+
+
+def test_arithmetic_documents_are_correct():
+    docs = [d for d in take(builtin_documents(3), 300) if d.startswith("Q: ")]
+    assert len(docs) > 100
+    for d in docs:
+        a, b, ans = map(int, re.fullmatch(r"Q: (\d+)\+(\d+)=\?\n<think>.*</think>\nA: (\d+)\n", d, re.S).groups())
+        assert a + b == ans
+
+
+def test_builtin_tokens_separate_documents_with_eos():
+    tok = ByteTokenizer()
+    t = builtin_tokens(tok, 5000, seed=0)
+    assert len(t) == 5000 and t.max() < 256 and (t == tok.eos_token_id).sum() > 20
+
+
+def test_tokenize_files_round_trip(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    path = tokenize_to_file([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], ByteTokenizer(),
+                            str(tmp_path / "tok"))
+    tokens = load_token_file(path)
+    assert tokens.dtype == np.uint16
+    assert ByteTokenizer().decode(tokens.tolist()) == "hello worldonetwo"
+    assert (np.asarray(tokens) == 0).sum() == 3
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("empty.txt", b"", "empty.txt: the file is empty"),
+    ("bad.jsonl", b'{"text": "ok"}\n{"txt": "x"}\n', r"bad.jsonl:2: no string field 'text' \(found \['txt'\]\)"),
+    ("broken.jsonl", b'{"text": "ok"}\n{oops\n', r"broken.jsonl:2: invalid JSON"),
+    ("latin.txt", b"line one\nline two caf\xe9\n", r"latin.txt:2: not UTF-8"),
+])
+def test_bad_data_names_file_and_line(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        tokenize_to_file([str(tmp_path / name)], ByteTokenizer(), str(tmp_path / "out"))
+    assert not list(tmp_path.glob("out.bin*"))
+
+
+def test_packed_windows_overlap_by_one_token():
+    w = PackedWindows(np.arange(25), seq_len=8)
+    assert len(w) == 3 and w[1].tolist() == list(range(8, 17))
+    with pytest.raises(DataError, match="fewer than one window"):
+        PackedWindows(np.arange(5), seq_len=8)
+
+
+def test_sampler_resumes_exactly_and_partitions_ranks():
+    full = ResumableSampler(10, batch_size=3, seed=5)
+    seq = [full.next_batch() for _ in range(8)]                                 # crosses epochs
+    resumed = ResumableSampler(10, batch_size=3, seed=5)
+    for _ in range(3):
+        resumed.next_batch()
+    state = resumed.state_dict()
+    again = ResumableSampler(10, batch_size=3, seed=5)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert [again.next_batch() for _ in range(5)] == seq[3:]
+    r0, r1 = ResumableSampler(12, 2, seed=1, rank=0, world_size=2), ResumableSampler(12, 2, seed=1, rank=1,
+                                                                                      world_size=2)
+    single = ResumableSampler(12, 4, seed=1)
+    b0, b1, b = r0.next_batch(), r1.next_batch(), single.next_batch()
+    assert sorted(b0 + b1) == sorted(b) and not set(b0) & set(b1)
