@@ -3,6 +3,7 @@
     nemotron3 info --preset nano-30b-a3b                  # layer plan and total / active parameters, no weights
     nemotron3 generate --preset tiny --prompt "Hello"     # random weights; --model DIR for a checkpoint
     nemotron3 demo                                        # what `make demo` runs
+    nemotron3 train --preset tiny --out runs/tiny --max-steps 300 --save-every 100 [--resume]
 
 Each command is a `main(argv)`; a bad flag value ends with one line naming the flag and the fix.
 """
@@ -14,7 +15,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "demo")
+COMMANDS = ("info", "generate", "demo", "train")
 
 
 class UserError(Exception):
@@ -181,11 +182,14 @@ def main(argv=None):
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    handler = {"info": info_main, "generate": generate_main, "demo": demo_main}[argv[0]]
+    from .train.pretrain import main as train_main
+    from .train.data import DataError
+    handler = {"info": info_main, "generate": generate_main, "demo": demo_main, "train": train_main}[argv[0]]
     from .checkpoint import CheckpointError
     try:
         handler(argv[1:])
-    except (UserError, ValueError, FileNotFoundError, CheckpointError, ImportError) as e:
+    except (UserError, ValueError, FileNotFoundError, CheckpointError, ImportError, DataError,
+            FloatingPointError) as e:
         print(f"nemotron3 {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,273 @@
+"""Pretraining loop: AdamW + WSD, gradient clipping and accumulation, MTP loss, MoE balancing, evaluation,
+metrics.jsonl, atomic checkpoints with exact resume, and a divergence guard.
+
+    nemotron3 train --preset tiny --out runs/tiny --max-steps 300 --save-every 100
+    nemotron3 train --preset tiny --out runs/tiny --max-steps 600 --save-every 100 --resume
+    nemotron3 train --preset small --data corpus.jsonl --seq-len 512 --batch-size 8 --precision bf16
+
+Per optimizer step (nemotron3_spec.md §2.2, §5.1):
+    L = L_main + (lambda / D) sum_k L_k  +  aux_coeff-weighted sequence aux loss summed over MoE layers
+    then, after the step, every router's e_score_correction_bias += rate * sign(mean load - load)
+Weight decay applies to matrices only (dim >= 2); norms, biases, A_log, D and dt_bias are not decayed.
+Not yet here (the pretraining issue's remaining parts): torchrun / FSDP2, plots, the trained demo, ablations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from ..config import from_preset
+from ..model import NemotronForCausalLM
+from ..model.moe import MoE
+from .balance import expert_counts, load_stats, sequence_aux_loss, update_expert_bias
+from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from .data import PackedWindows, ResumableSampler, builtin_tokens, load_token_file, tokenize_to_file
+from .schedule import WSDSchedule
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    """Architecture preset (nemotron3 info --list)."""
+    out: str = "runs/tiny"
+    """Run directory: metrics.jsonl, checkpoints/step_N/, final/."""
+    max_steps: int = 300
+    """Optimizer steps of the whole run (the WSD decay ends here)."""
+    save_every: int = 100
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --out."""
+    seed: int = 0
+    """Seed of the weights, the data order and the built-in corpus."""
+    data: str = ""
+    """.txt / .jsonl files (comma-separated) or a tokenized .bin; empty = the built-in corpus."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast; CUDA, or CPU if it supports it)."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+    """Share of the steps in the WSD decay (minus-sqrt to 1% of the peak)."""
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_depths: int = 2
+    """MTP depths trained with the model's MTP block(s) (Super: 2 with one shared block); 0 = off."""
+    mtp_lambda: float = 0.3
+    """MTP loss weight lambda in L + lambda/D sum_k L_k."""
+    bias_rate: float = 1e-3
+    """Aux-loss-free expert-bias update rate (0 = off)."""
+    aux_coeff: float = 1e-4
+    """Sequence-level load-balancing loss coefficient (0 = off)."""
+    eval_every: int = 50
+    eval_batches: int = 4
+    train_tokens: int = 2_000_000
+    """Size of the built-in training corpus in tokens."""
+    on_nan: str = "stop"
+    """stop (keep the last good checkpoint) or skip (drop the step) when the loss or gradient is not finite."""
+
+
+def build_data(cfg: TrainConfig, tokenizer):
+    if not cfg.data:
+        train = builtin_tokens(tokenizer, cfg.train_tokens, cfg.seed, "train")
+        heldout = builtin_tokens(tokenizer, max(cfg.seq_len + 1, cfg.eval_batches * cfg.batch_size * (cfg.seq_len + 1)),
+                      cfg.seed, "heldout")
+        return PackedWindows(train, cfg.seq_len), PackedWindows(heldout, cfg.seq_len)
+    paths = [p for p in cfg.data.split(",") if p]
+    if len(paths) == 1 and paths[0].endswith(".bin"):
+        tokens = load_token_file(paths[0])
+    else:
+        os.makedirs(cfg.out, exist_ok=True)
+        tokens = load_token_file(tokenize_to_file(paths, tokenizer, os.path.join(cfg.out, "tokens")))
+    n_eval = min(len(tokens) // 10, cfg.eval_batches * cfg.batch_size * (cfg.seq_len + 1))
+    return (PackedWindows(tokens[:len(tokens) - n_eval], cfg.seq_len),
+            PackedWindows(tokens[len(tokens) - n_eval:], cfg.seq_len) if n_eval > cfg.seq_len else None)
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def step_loss(model, ids, cfg: TrainConfig, mtp_depths: int):
+    """Loss of one micro-batch and what to log about it."""
+    out = model(ids, labels=ids, mtp_depths=mtp_depths, return_router=True)
+    loss = out.loss
+    if mtp_depths:
+        loss = loss + cfg.mtp_lambda / mtp_depths * sum(out.mtp_losses)
+    if cfg.aux_coeff:
+        for r in out.router.values():
+            loss = loss + sequence_aux_loss(r.scores_TE, ids.shape[0], r.ids_TK.shape[1], cfg.aux_coeff)
+    return loss, out
+
+
+@torch.no_grad()
+def evaluate(model, windows, cfg: TrainConfig, mtp_depths: int) -> dict:
+    model.eval()
+    n = min(len(windows), cfg.eval_batches * cfg.batch_size)
+    losses, accs, mtp_acc = [], [], [[] for _ in range(mtp_depths)]
+    for start in range(0, n, cfg.batch_size):
+        ids = torch.stack([windows[i] for i in range(start, min(n, start + cfg.batch_size))])
+        out = model(ids, labels=ids, mtp_depths=mtp_depths)
+        losses.append(out.loss.item())
+        accs.append(out.accuracy.item())
+        for k, a in enumerate(out.mtp_accuracies):
+            mtp_acc[k].append(a.item())
+    model.train()
+    res = {"eval_loss": sum(losses) / len(losses), "eval_accuracy": sum(accs) / len(accs)}
+    res.update({f"eval_mtp{k + 1}_accuracy": sum(a) / len(a) for k, a in enumerate(mtp_acc)})
+    return res
+
+
+def train(cfg: TrainConfig, log=print) -> str:
+    from ..tokenizer import ByteTokenizer
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision {cfg.precision}: use fp32 or bf16 (nvfp4 comes with the NVFP4 issue).")
+    if cfg.on_nan not in ("stop", "skip"):
+        raise ValueError(f"--on-nan {cfg.on_nan}: use stop or skip.")
+    for name in ("max_steps", "save_every", "keep_last", "seq_len", "batch_size", "grad_accum", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1.")
+    torch.manual_seed(cfg.seed)
+    model = NemotronForCausalLM(from_preset(cfg.preset)).train()
+    tokenizer = ByteTokenizer()
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"preset {cfg.preset} has vocab_size {model.config.vocab_size} < 256 byte tokens.")
+    mtp_depths = cfg.mtp_depths if model.mtp is not None else 0
+    train_w, eval_w = build_data(cfg, tokenizer)
+    sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
+    schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start),   # short runs: less warmup
+                           cfg.decay_fraction, 0.01, "minus_sqrt")
+    moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+    step = start_step = 0
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.resume:
+        ckpts = list_checkpoints(cfg.out)
+        if not ckpts:
+            raise ValueError(f"--resume: no checkpoint in {cfg.out}/checkpoints; start without --resume.")
+        state = load_checkpoint(ckpts[-1][1], model, optimizer)
+        sampler.load_state_dict(state["sampler"])
+        step = start_step = state["step"]
+        _truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), step)   # drop steps logged after the checkpoint
+        log(f"resumed from {ckpts[-1][1]} at step {step}")
+    autocast = torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    t_start = time.perf_counter()
+    while step < cfg.max_steps:
+        lr = schedule(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        counts = {m.layer_idx: torch.zeros(m.gate.num_experts, dtype=torch.long) for m in moe_layers}
+        total, main_loss, logged = 0.0, 0.0, {}
+        for _ in range(cfg.grad_accum):
+            ids = torch.stack([train_w[i] for i in sampler.next_batch()])
+            with autocast:
+                loss, out = step_loss(model, ids, cfg, mtp_depths)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            main_loss += out.loss.item() / cfg.grad_accum
+            for i, r in out.router.items():
+                if i in counts:
+                    counts[i] += expert_counts(r.ids_TK, len(counts[i]))
+            logged = {f"mtp{k + 1}_loss": v.item() for k, v in enumerate(out.mtp_losses)}
+            logged.update({f"mtp{k + 1}_accuracy": v.item() for k, v in enumerate(out.mtp_accuracies)})
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            msg = f"step {step}: loss {total} / gradient norm {grad_norm} is not finite"
+            if cfg.on_nan == "stop":
+                last = list_checkpoints(cfg.out)
+                metrics.close()
+                raise FloatingPointError(f"{msg}; stopped without writing these weights. Last good checkpoint: "
+                                         f"{last[-1][1] if last else 'none'}. Lower --lr or use --on-nan skip.")
+            log(msg + "; step skipped (--on-nan skip)")
+            step += 1
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.bias_rate:
+            for m in moe_layers:
+                update_expert_bias(m.gate.e_score_correction_bias, counts[m.layer_idx], cfg.bias_rate)
+        step += 1
+        dt = time.perf_counter() - t0
+        record = dict(step=step, loss=main_loss, total_loss=total, lr=lr, grad_norm=grad_norm,
+                      tokens_per_s=tokens_per_step / dt, **logged)
+        for i, c in counts.items():
+            record.update({f"moe{i}_{k}": v for k, v in load_stats(c).items()})
+        if eval_w is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            record.update(evaluate(model, eval_w, cfg, mtp_depths))
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.max_steps - step)
+        log(f"step {step}/{cfg.max_steps} loss {main_loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s "
+            f"eta {eta:.0f}s" + (f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save_checkpoint(cfg.out, step, model, optimizer, {"sampler": sampler.state_dict(), "config": asdict(cfg)},
+                            cfg.keep_last)
+    metrics.close()
+    final = os.path.join(cfg.out, "final")
+    model.save_pretrained(final)
+    return final
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="nemotron3 train", description=__doc__.split("\n")[0])
+    doc = _field_docs()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=doc.get(f.name, ""))
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=f.default,
+                           help=f"{doc.get(f.name, '')} (default {f.default})")
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    final = train(cfg)
+    print(f"final model: {final}")
+
+
+def _field_docs() -> dict:
+    """The docstrings under TrainConfig's fields, for --help (what jsonargparse does for litgpt)."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body, docs = tree.body[0].body, {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    return docs
+
+
+if __name__ == "__main__":
+    sys.exit(main())
