@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "demo", "train")
+COMMANDS = ("info", "generate", "demo", "train", "plot")
 
 
 class UserError(Exception):
@@ -182,9 +182,11 @@ def main(argv=None):
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from .train.pretrain import main as train_main
     from .train.data import DataError
-    handler = {"info": info_main, "generate": generate_main, "demo": demo_main, "train": train_main}[argv[0]]
+    from .train.plot import main as plot_main
+    from .train.pretrain import main as train_main
+    handler = {"info": info_main, "generate": generate_main, "demo": demo_main, "train": train_main,
+               "plot": plot_main}[argv[0]]
     from .checkpoint import CheckpointError
     try:
         handler(argv[1:])

@@ -204,3 +204,21 @@ class ResumableSampler:
 
     def load_state_dict(self, d: dict) -> None:
         self.state = SamplerState(int(d["epoch"]), int(d["position"]))
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the best context-free model, the token frequencies: the baseline a trained
+    model's held-out loss must beat."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def arithmetic_prompts(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """n held-out additions as (prompt up to and including '<think>', answer)."""
+    rng = random.Random(f"nemotron3-arithmetic-eval-{seed}")
+    out = []
+    for _ in range(n):
+        doc = arithmetic_doc(rng)
+        out.append((doc[:doc.index("<think>") + len("<think>")], int(doc.rsplit("A: ", 1)[1])))
+    return out

@@ -9,7 +9,7 @@ Per optimizer step (nemotron3_spec.md §2.2, §5.1):
     L = L_main + (lambda / D) sum_k L_k  +  aux_coeff-weighted sequence aux loss summed over MoE layers
     then, after the step, every router's e_score_correction_bias += rate * sign(mean load - load)
 Weight decay applies to matrices only (dim >= 2); norms, biases, A_log, D and dt_bias are not decayed.
-Not yet here (the pretraining issue's remaining parts): torchrun / FSDP2, plots, the trained demo, ablations.
+Not yet here (the pretraining issue's remaining parts): torchrun / FSDP2, the trained demo, ablations.
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ def evaluate(model, windows, cfg: TrainConfig, mtp_depths: int) -> dict:
     return res
 
 
-def train(cfg: TrainConfig, log=print) -> str:
+def train(cfg: TrainConfig, log=None) -> str:
+    """Run (or resume) a training run; returns the final model directory. log: a callable taking one line per
+    step, or None for a progress bar (tqdm) with loss, tokens/s and ETA."""
     from ..tokenizer import ByteTokenizer
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision {cfg.precision}: use fp32 or bf16 (nvfp4 comes with the NVFP4 issue).")
@@ -169,6 +171,11 @@ def train(cfg: TrainConfig, log=print) -> str:
         step = start_step = state["step"]
         _truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), step)   # drop steps logged after the checkpoint
         log(f"resumed from {ckpts[-1][1]} at step {step}")
+    bar = None
+    if log is None:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True)
+        log = bar.write
     autocast = torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
@@ -199,6 +206,8 @@ def train(cfg: TrainConfig, log=print) -> str:
             if cfg.on_nan == "stop":
                 last = list_checkpoints(cfg.out)
                 metrics.close()
+                if bar is not None:
+                    bar.close()
                 raise FloatingPointError(f"{msg}; stopped without writing these weights. Last good checkpoint: "
                                          f"{last[-1][1] if last else 'none'}. Lower --lr or use --on-nan skip.")
             log(msg + "; step skipped (--on-nan skip)")
@@ -219,15 +228,26 @@ def train(cfg: TrainConfig, log=print) -> str:
             record.update(evaluate(model, eval_w, cfg, mtp_depths))
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
-        eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.max_steps - step)
-        log(f"step {step}/{cfg.max_steps} loss {main_loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s "
-            f"eta {eta:.0f}s" + (f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{main_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.1e}")
+            if "eval_loss" in record:
+                log(f"step {step}: held-out loss {record['eval_loss']:.4f}, next-token accuracy "
+                    f"{record['eval_accuracy']:.3f}")
+        else:
+            eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.max_steps - step)
+            log(f"step {step}/{cfg.max_steps} loss {main_loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s "
+                f"eta {eta:.0f}s" + (f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint(cfg.out, step, model, optimizer, {"sampler": sampler.state_dict(), "config": asdict(cfg)},
                             cfg.keep_last)
     metrics.close()
+    if bar is not None:
+        bar.close()
     final = os.path.join(cfg.out, "final")
     model.save_pretrained(final)
+    from .plot import plot_run
+    log(f"plots: {plot_run(cfg.out)}")
     return final
 
 
