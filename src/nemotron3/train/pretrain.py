@@ -162,6 +162,11 @@ def train(cfg: TrainConfig, log=None) -> str:
     moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
     step = start_step = 0
     os.makedirs(cfg.out, exist_ok=True)
+    bar = None
+    if log is None:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, unit="step", dynamic_ncols=True)
+        log = bar.write
     if cfg.resume:
         ckpts = list_checkpoints(cfg.out)
         if not ckpts:
@@ -171,11 +176,8 @@ def train(cfg: TrainConfig, log=None) -> str:
         step = start_step = state["step"]
         _truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), step)   # drop steps logged after the checkpoint
         log(f"resumed from {ckpts[-1][1]} at step {step}")
-    bar = None
-    if log is None:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True)
-        log = bar.write
+        if bar is not None:
+            bar.update(step)
     autocast = torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
