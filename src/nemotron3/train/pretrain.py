@@ -9,7 +9,8 @@ Per optimizer step (nemotron3_spec.md §2.2, §5.1):
     L = L_main + (lambda / D) sum_k L_k  +  aux_coeff-weighted sequence aux loss summed over MoE layers
     then, after the step, every router's e_score_correction_bias += rate * sign(mean load - load)
 Weight decay applies to matrices only (dim >= 2); norms, biases, A_log, D and dt_bias are not decayed.
-Not yet here (the pretraining issue's remaining parts): torchrun / FSDP2, the trained demo, ablations.
+Runs unchanged under torchrun (data parallel: gradients averaged with one all-reduce, expert loads summed, rank 0
+writes); FSDP2 sharding, the trained demo and the ablations are the pretraining issue's remaining parts.
 """
 
 from __future__ import annotations
@@ -153,8 +154,9 @@ def train(cfg: TrainConfig, log=None) -> str:
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"preset {cfg.preset} has vocab_size {model.config.vocab_size} < 256 byte tokens.")
     mtp_depths = cfg.mtp_depths if model.mtp is not None else 0
+    rank, world = _distributed()
     train_w, eval_w = build_data(cfg, tokenizer)
-    sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed)
+    sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
     optimizer = make_optimizer(model, cfg)
     decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
     schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start),   # short runs: less warmup
@@ -163,7 +165,9 @@ def train(cfg: TrainConfig, log=None) -> str:
     step = start_step = 0
     os.makedirs(cfg.out, exist_ok=True)
     bar = None
-    if log is None:
+    if rank != 0:
+        log = lambda *_: None                                                # noqa: E731  rank 0 speaks
+    elif log is None:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, unit="step", dynamic_ncols=True)
         log = bar.write
@@ -179,8 +183,8 @@ def train(cfg: TrainConfig, log=None) -> str:
         if bar is not None:
             bar.update(step)
     autocast = torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else open(os.devnull, "w")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
     t_start = time.perf_counter()
     while step < cfg.max_steps:
         lr = schedule(step)
@@ -201,6 +205,8 @@ def train(cfg: TrainConfig, log=None) -> str:
                     counts[i] += expert_counts(r.ids_TK, len(counts[i]))
             logged = {f"mtp{k + 1}_loss": v.item() for k, v in enumerate(out.mtp_losses)}
             logged.update({f"mtp{k + 1}_accuracy": v.item() for k, v in enumerate(out.mtp_accuracies)})
+        if world > 1:   # data parallel: average gradients, sum expert loads, average what is logged
+            total, main_loss = _all_reduce_grads_and_stats(model, counts, world, total, main_loss)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
@@ -240,17 +246,55 @@ def train(cfg: TrainConfig, log=None) -> str:
             eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.max_steps - step)
             log(f"step {step}/{cfg.max_steps} loss {main_loss:.4f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s "
                 f"eta {eta:.0f}s" + (f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
             save_checkpoint(cfg.out, step, model, optimizer, {"sampler": sampler.state_dict(), "config": asdict(cfg)},
                             cfg.keep_last)
     metrics.close()
     if bar is not None:
         bar.close()
     final = os.path.join(cfg.out, "final")
-    model.save_pretrained(final)
-    from .plot import plot_run
-    log(f"plots: {plot_run(cfg.out)}")
+    if rank == 0:
+        model.save_pretrained(final)
+        from .plot import plot_run
+        log(f"plots: {plot_run(cfg.out)}")
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
     return final
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: gloo on CPU, NCCL on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _all_reduce_grads_and_stats(model, counts: dict, world: int, total: float, main_loss: float):
+    """DDP by hand: one all-reduce of all gradients (flattened), mean over ranks. A rank whose tokens never reached
+    some expert contributes zeros for it, so MoE needs no find_unused_parameters."""
+    import torch.distributed as dist
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    for c in counts.values():
+        dist.all_reduce(c)
+    stats = torch.tensor([total, main_loss], dtype=torch.float64)
+    dist.all_reduce(stats)
+    return float(stats[0]) / world, float(stats[1]) / world
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
