@@ -1,9 +1,10 @@
-"""Tokenizers for the command line: a byte-level one (no download, ids 0..255 are the UTF-8 bytes) and a Hugging Face
-`tokenizer.json` found beside a checkpoint (through the `tokenizers` library, imported only when needed).
-The training issue grows this into the data pipeline (chat templates, special tokens)."""
+"""Tokenizers: a byte-level one (no download, ids 0..255 are the UTF-8 bytes) and a Hugging Face `tokenizer.json`
+found beside a checkpoint (through the `tokenizers` library, imported only when needed), with the chat template of
+its tokenizer_config.json."""
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -20,6 +21,10 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (through the `tokenizers` library), with the special tokens and the Jinja
+    chat template of the `tokenizer_config.json` beside it (rendered as transformers renders it: a sandboxed Jinja
+    environment with trim_blocks / lstrip_blocks and a raise_exception helper)."""
+
     def __init__(self, path: str):
         try:
             from tokenizers import Tokenizer
@@ -27,13 +32,45 @@ class HFTokenizer:
             raise ImportError(f"{path} needs the `tokenizers` package: pip install tokenizers") from None
         self.tok = Tokenizer.from_file(path)
         self.vocab_size = self.tok.get_vocab_size()
-        self.eos_token_id = None
+        self.config = {}
+        cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                self.config = json.load(f)
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.chat_template = self.config.get("chat_template")
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt text for `messages`; kwargs reach the template (Nemotron 3: enable_thinking=True/False)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat_template in tokenizer_config.json; format the prompt "
+                             "yourself or add a template.")
+        try:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ImportError("chat templates need jinja2: pip install jinja2") from None
+
+        def raise_exception(message):
+            raise TemplateError(message)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "", **kwargs)
+
+
+def _token_text(tok):
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
+    return tok.get("content") if isinstance(tok, dict) else tok
 
 
 def load_tokenizer(model_dir: str | None, vocab_size: int):

@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, log=None) -> str:
         log = lambda *_: None                                                # noqa: E731  rank 0 speaks
     elif log is None:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.max_steps, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, unit="step", dynamic_ncols=True, mininterval=1.0)
         log = bar.write
     if cfg.resume:
         ckpts = list_checkpoints(cfg.out)
