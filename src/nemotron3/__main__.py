@@ -171,7 +171,8 @@ def demo_main(argv):
     out = again.generate(prompt, max_new_tokens=24)
     dt = time.perf_counter() - t0
     print(f"greedy generate, 24 tokens in {dt * 1000:.0f} ms ({24 / dt:.0f} tok/s): {out[0, prompt.shape[1]:].tolist()}")
-    print("(random weights: the tokens are noise until `nemotron3 train` exists; see ROADMAP)")
+    print("(random weights, so the tokens are noise; `nemotron3 train --preset tiny` trains this model on the "
+          "built-in corpus)")
 
 
 def main(argv=None):
