@@ -66,10 +66,7 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     from safetensors.torch import load_file
 
     from ..model import NemotronForCausalLM
-    loaded = NemotronForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        for (name, p), (name2, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
-            p.copy_(q)
+    model.load_state_dict(NemotronForCausalLM.from_pretrained(path).state_dict())   # copies into existing tensors
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     tensors = load_file(os.path.join(path, "trainer_state.safetensors"))

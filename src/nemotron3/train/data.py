@@ -222,3 +222,15 @@ def arithmetic_prompts(n: int, seed: int = 0) -> list[tuple[str, int]]:
         doc = arithmetic_doc(rng)
         out.append((doc[:doc.index("<think>") + len("<think>")], int(doc.rsplit("A: ", 1)[1])))
     return out
+
+
+def arithmetic_accuracy(model, tokenizer, n: int = 40, seed: int = 0, max_new_tokens: int = 64) -> float:
+    """Share of n held-out additions whose greedy answer after the model's own <think> steps is right."""
+    import re
+    correct = 0
+    for prompt, answer in arithmetic_prompts(n, seed):
+        ids = torch.tensor([tokenizer.encode(prompt)], device=model.lm_head.weight.device)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        m = re.search(r"A: (\d+)", tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+        correct += bool(m and int(m[1]) == answer)
+    return correct / n

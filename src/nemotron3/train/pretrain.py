@@ -86,8 +86,8 @@ class TrainConfig:
 def build_data(cfg: TrainConfig, tokenizer):
     if not cfg.data:
         train = builtin_tokens(tokenizer, cfg.train_tokens, cfg.seed, "train")
-        heldout = builtin_tokens(tokenizer, max(cfg.seq_len + 1, cfg.eval_batches * cfg.batch_size * (cfg.seq_len + 1)),
-                      cfg.seed, "heldout")
+        n_heldout = max(cfg.seq_len + 1, cfg.eval_batches * cfg.batch_size * (cfg.seq_len + 1))
+        heldout = builtin_tokens(tokenizer, n_heldout, cfg.seed, "heldout")
         return PackedWindows(train, cfg.seq_len), PackedWindows(heldout, cfg.seq_len)
     paths = [p for p in cfg.data.split(",") if p]
     if len(paths) == 1 and paths[0].endswith(".bin"):
@@ -137,9 +137,10 @@ def evaluate(model, windows, cfg: TrainConfig, mtp_depths: int) -> dict:
     return res
 
 
-def train(cfg: TrainConfig, log=None) -> str:
+def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     """Run (or resume) a training run; returns the final model directory. log: a callable taking one line per
-    step, or None for a progress bar (tqdm) with loss, tokens/s and ETA."""
+    step, or None for a progress bar (tqdm) with loss, tokens/s and ETA. model_config: a NemotronConfig to train
+    instead of cfg.preset (the Python API's way to train any architecture, e.g. for ablations)."""
     from ..tokenizer import ByteTokenizer
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision {cfg.precision}: use fp32 or bf16 (nvfp4 comes with the NVFP4 issue).")
@@ -149,7 +150,7 @@ def train(cfg: TrainConfig, log=None) -> str:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1.")
     torch.manual_seed(cfg.seed)
-    model = NemotronForCausalLM(from_preset(cfg.preset)).train()
+    model = NemotronForCausalLM(model_config or from_preset(cfg.preset)).train()
     tokenizer = ByteTokenizer()
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"preset {cfg.preset} has vocab_size {model.config.vocab_size} < 256 byte tokens.")
@@ -231,7 +232,8 @@ def train(cfg: TrainConfig, log=None) -> str:
         record = dict(step=step, loss=main_loss, total_loss=total, lr=lr, grad_norm=grad_norm,
                       tokens_per_s=tokens_per_step / dt, **logged)
         for i, c in counts.items():
-            record.update({f"moe{i}_{k}": v for k, v in load_stats(c).items()})
+            if c.sum() > 0:                      # an MTP layer with no MTP loss this run routes nothing
+                record.update({f"moe{i}_{k}": v for k, v in load_stats(c).items()})
         if eval_w is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             record.update(evaluate(model, eval_w, cfg, mtp_depths))
         metrics.write(json.dumps(record) + "\n")
