@@ -46,7 +46,14 @@ def test_bad_input_is_one_clear_line(argv, match, capsys):
     assert match in err and "Traceback" not in err and err.count("\n") == 1
 
 
-def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+def test_demo_trains_evaluates_and_reports(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "6"]) == 0
     out = capsys.readouterr().out
-    assert "parameters active per token" in out and "logits identical = True" in out
+    for text in ("parameters active per token", "held-out loss", "unigram baseline", "MTP depth 2 accuracy",
+                 "held-out additions answered right", "training.png"):
+        assert text in out, text
+    assert (tmp_path / "demo" / "final" / "model.safetensors").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "other"), "--max-steps", "2"]) == 2     # never deletes a non-run
+    assert (tmp_path / "other" / "precious.txt").exists()

@@ -3,7 +3,7 @@ memory-mapped token file, packing into fixed-length windows, and a sampler whose
 
 Built-in corpus (deterministic by seed, held-out split from a different seed stream), three kinds of document
 with learnable structure:
-    arithmetic   "Q: 47+85=?\n<think>7+5=12, write 2 carry 1. 4+8+1=13, write 13.</think>\nA: 132\n"
+    arithmetic   "Q: 7+5=?\n<think>7+5=12.</think>\nA: 12\n"   (column by column, with carries, for more digits)
     retrieval    "k17=v4 k3=v9 ... (filler) ... k3? v9\n"          a key-value lookup over filler
     prose        templated sentences ("The red fox sees the old tree.")
 Documents are joined with the end-of-document token and cut into windows of seq_len + 1 tokens (inputs and
@@ -35,8 +35,10 @@ _NOUN = ["fox", "tree", "river", "house", "bird", "stone", "child", "boat"]
 _VERB = ["sees", "finds", "passes", "follows", "watches", "leaves"]
 
 
-def arithmetic_doc(rng: random.Random, max_digits: int = 2) -> str:
-    """An addition with its column-by-column reasoning inside <think>...</think>."""
+def arithmetic_doc(rng: random.Random, max_digits: int = 1) -> str:
+    """An addition with its column-by-column reasoning inside <think>...</think>. One-digit operands by default:
+    the `tiny` preset learns them in ~2 minutes on 2 cores (100% on held-out sums, measured) but reaches only ~12%
+    on two-digit ones in 3 minutes, which is too slow for `make demo`."""
     a, b = rng.randrange(10 ** max_digits), rng.randrange(10 ** max_digits)
     steps, carry = [], 0
     da, db = str(a)[::-1], str(b)[::-1]

@@ -299,6 +299,13 @@ def _all_reduce_grads_and_stats(model, counts: dict, world: int, total: float, m
     return float(stats[0]) / world, float(stats[1]) / world
 
 
+def read_last_metrics(run_dir: str) -> dict:
+    """The last metrics.jsonl record of a run that has an evaluation in it."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return next((r for r in reversed(rows) if "eval_loss" in r), rows[-1])
+
+
 def _truncate_metrics(path: str, last_step: int) -> None:
     if not os.path.exists(path):
         return
