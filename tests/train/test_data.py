@@ -88,3 +88,12 @@ def test_sampler_resumes_exactly_and_partitions_ranks():
     single = ResumableSampler(12, 4, seed=1)
     b0, b1, b = r0.next_batch(), r1.next_batch(), single.next_batch()
     assert sorted(b0 + b1) == sorted(b) and not set(b0) & set(b1)
+
+
+def test_hugging_face_dataset_on_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["alpha", "beta"], "n": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
+    path = tokenize_to_file([str(tmp_path / "ds")], ByteTokenizer(), str(tmp_path / "tok"))
+    assert ByteTokenizer().decode(load_token_file(path).tolist()) == "alphabeta"
+    with pytest.raises(DataError, match=r"no column 'body' \(columns \['text', 'n'\]\)"):
+        tokenize_to_file([str(tmp_path / "ds")], ByteTokenizer(), str(tmp_path / "tok2"), field="body")

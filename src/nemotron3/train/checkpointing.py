@@ -43,7 +43,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, extra: dict, keep
             os.replace(os.path.join(tmp, "model", name), os.path.join(tmp, name))
         os.rmdir(os.path.join(tmp, "model"))
         tensors, scalars = _optimizer_to_flat(model, optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.torch"] = torch.get_rng_state()          # CPU RNG; training draws no GPU random numbers
         save_file(tensors, os.path.join(tmp, "trainer_state.safetensors"))
         state = dict(extra, step=step, optimizer=scalars, python_random=_jsonable(random.getstate()),
                      numpy_random=_jsonable(np.random.get_state()))
@@ -98,7 +98,7 @@ def _optimizer_from_flat(model, optimizer, tensors, scalars):
     for key, v in tensors.items():
         if key.startswith("opt."):
             pname, k = key[4:].rsplit(".", 1)
-            optimizer.state[params[pname]][k] = v.clone()
+            optimizer.state[params[pname]][k] = v.to(params[pname].device, copy=True)
     for pname, st in scalars["state"].items():
         optimizer.state[params[pname]].update(st)
 

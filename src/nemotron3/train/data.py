@@ -87,7 +87,11 @@ def builtin_tokens(tokenizer, n_tokens: int, seed: int = 0, split: str = "train"
 
 # ---- user files -> memory-mapped tokens ----
 def read_documents(path: str, field: str = "text"):
-    """Yield the documents of a .txt (the whole file) or .jsonl (one JSON object per line, text in `field`)."""
+    """Yield the documents of a .txt (the whole file), a .jsonl (one JSON object per line, text in `field`), or a
+    Hugging Face `datasets` dataset saved with save_to_disk (a directory; the `datasets` package is imported then)."""
+    if os.path.isdir(path):
+        yield from _read_hf_dataset(path, field)
+        return
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file.")
     if os.path.getsize(path) == 0:
@@ -119,6 +123,27 @@ def read_documents(path: str, field: str = "text"):
         except UnicodeDecodeError as e:
             line = data[:e.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not UTF-8 ({e.reason}); re-encode the file as UTF-8.") from None
+
+
+def _read_hf_dataset(path: str, field: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path} is a directory; reading a Hugging Face dataset needs `pip install datasets`.") from None
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: not a dataset saved with save_to_disk ({e}).") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (has {sorted(ds)}).")
+        ds = ds["train"]
+    if field not in ds.column_names:
+        raise DataError(f"{path}: no column {field!r} (columns {ds.column_names}); pass the right field name.")
+    for i, text in enumerate(ds[field]):
+        if not isinstance(text, str):
+            raise DataError(f"{path}: row {i} of column {field!r} is {type(text).__name__}, not text.")
+        yield text
 
 
 def tokenize_to_file(paths: list[str], tokenizer, out_prefix: str, field: str = "text") -> str:

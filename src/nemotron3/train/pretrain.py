@@ -54,6 +54,8 @@ class TrainConfig:
     """.txt / .jsonl files (comma-separated) or a tokenized .bin; empty = the built-in corpus."""
     precision: str = "fp32"
     """fp32, or bf16 (autocast; CUDA, or CPU if it supports it)."""
+    device: str = "auto"
+    """auto (CUDA if available, else CPU), cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK."""
     seq_len: int = 256
     """Tokens per training sequence."""
     batch_size: int = 8
@@ -126,6 +128,7 @@ def evaluate(model, windows, cfg: TrainConfig, mtp_depths: int) -> dict:
     losses, accs, mtp_acc = [], [], [[] for _ in range(mtp_depths)]
     for start in range(0, n, cfg.batch_size):
         ids = torch.stack([windows[i] for i in range(start, min(n, start + cfg.batch_size))])
+        ids = ids.to(model.lm_head.weight.device)
         out = model(ids, labels=ids, mtp_depths=mtp_depths)
         losses.append(out.loss.item())
         accs.append(out.accuracy.item())
@@ -149,8 +152,14 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     for name in ("max_steps", "save_every", "keep_last", "seq_len", "batch_size", "grad_accum", "eval_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1.")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {cfg.device}: use auto, cpu or cuda.")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu.")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     torch.manual_seed(cfg.seed)
-    model = NemotronForCausalLM(model_config or from_preset(cfg.preset)).train()
+    model = NemotronForCausalLM(model_config or from_preset(cfg.preset)).to(device).train()
     tokenizer = ByteTokenizer()
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"preset {cfg.preset} has vocab_size {model.config.vocab_size} < 256 byte tokens.")
@@ -183,7 +192,7 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
         log(f"resumed from {ckpts[-1][1]} at step {step}")
         if bar is not None:
             bar.update(step)
-    autocast = torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else open(os.devnull, "w")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
     t_start = time.perf_counter()
@@ -192,10 +201,10 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
         for g in optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        counts = {m.layer_idx: torch.zeros(m.gate.num_experts, dtype=torch.long) for m in moe_layers}
+        counts = {m.layer_idx: torch.zeros(m.gate.num_experts, dtype=torch.long, device=device) for m in moe_layers}
         total, main_loss, logged = 0.0, 0.0, {}
         for _ in range(cfg.grad_accum):
-            ids = torch.stack([train_w[i] for i in sampler.next_batch()])
+            ids = torch.stack([train_w[i] for i in sampler.next_batch()]).to(device, non_blocking=True)
             with autocast:
                 loss, out = step_loss(model, ids, cfg, mtp_depths)
             (loss / cfg.grad_accum).backward()
@@ -273,6 +282,8 @@ def _distributed() -> tuple[int, int]:
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
 
@@ -294,7 +305,7 @@ def _all_reduce_grads_and_stats(model, counts: dict, world: int, total: float, m
         offset += p.numel()
     for c in counts.values():
         dist.all_reduce(c)
-    stats = torch.tensor([total, main_loss], dtype=torch.float64)
+    stats = torch.tensor([total, main_loss], dtype=torch.float64, device=flat.device)   # NCCL wants GPU tensors
     dist.all_reduce(stats)
     return float(stats[0]) / world, float(stats[1]) / world
 
