@@ -174,6 +174,8 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
     step = start_step = 0
     os.makedirs(cfg.out, exist_ok=True)
+    if cfg.resume and not list_checkpoints(cfg.out):       # before the progress bar draws anything
+        raise ValueError(f"--resume: no checkpoint in {cfg.out}/checkpoints; start without --resume.")
     bar = None
     if rank != 0:
         log = lambda *_: None                                                # noqa: E731  rank 0 speaks
@@ -183,8 +185,6 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
         log = bar.write
     if cfg.resume:
         ckpts = list_checkpoints(cfg.out)
-        if not ckpts:
-            raise ValueError(f"--resume: no checkpoint in {cfg.out}/checkpoints; start without --resume.")
         state = load_checkpoint(ckpts[-1][1], model, optimizer)
         sampler.load_state_dict(state["sampler"])
         step = start_step = state["step"]
