@@ -24,7 +24,7 @@ def test_decode_token_by_token_matches_full_forward(model):
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("split", [[5, 1, 9, 8], [1, 22], [11, 12]])
+@pytest.mark.parametrize("split", [[5, 1, 9, 8], [1, 22], [11, 12], [2, 2, 19]])   # 2 < K-1: window carries over
 def test_chunked_prefill_with_cache_matches_full_forward(model, split):
     ids = torch.randint(0, 256, (2, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -223,10 +223,12 @@ class Mamba2Mixer(nn.Module):
         else:
             if mask is not None:    # zero padded conv inputs too, so a padded row equals the row alone even with
                 xBC = xBC * mask[:, :, None].to(xBC.dtype)      # use_bias (HF lets in_proj's bias leak into the conv)
-            xBC_in = xBC
+            if conv_state is not None:     # the next call's window: the last K-1 raw inputs (read before the update)
+                k = self.conv_kernel - 1
+                next_window = xBC[:, -k:] if L >= k else torch.cat([conv_state[:, L:], xBC.to(conv_state.dtype)], 1)
             xBC = causal_conv_silu(xBC, w, self.conv1d.bias, conv_state)    # (b, L, conv_dim)
-            if conv_state is not None:     # keep the last K-1 raw inputs for the next call
-                conv_state.copy_(torch.cat([conv_state.to(xBC_in.dtype), xBC_in], dim=1)[:, -(self.conv_kernel - 1):])
+            if conv_state is not None:
+                conv_state.copy_(next_window)
             if mask is not None:
                 xBC = xBC * mask[:, :, None].to(xBC.dtype)
             x, B, C = (t.contiguous() for t in xBC.to(sdt).split([self.d_inner, G * N, G * N], dim=-1))
