@@ -71,8 +71,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, input_size, intermediate_size))
         nn.init.normal_(self.up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
+        self.linear = F.linear     # per-expert GEMM; quantized training swaps it from outside (quant/recipe.py)
 
     def forward(self, x_TL: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        if self.linear is not F.linear:
+            return _sorted_experts(x_TL, ids_TK, weights_TK, self.up_proj, self.down_proj, self.linear)
         return routed_experts(x_TL, ids_TK, weights_TK, self.up_proj, self.down_proj)
 
 
@@ -96,7 +99,7 @@ def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
     return _sorted_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM)
 
 
-def _sorted_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
+def _sorted_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM, linear=F.linear):
     """The general path: sort the T*K (token, expert) slots by expert, run each expert once on its tokens."""
     K = ids_TK.shape[1]
     flat_ids = ids_TK.reshape(-1)
@@ -110,7 +113,7 @@ def _sorted_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
     outs = []
     for e, x_e in enumerate(x_sorted.split(counts)):
         if counts[e]:
-            outs.append(F.linear(relu2(F.linear(x_e, ups[e])), downs[e]))
+            outs.append(linear(relu2(linear(x_e, ups[e])), downs[e]))
     y_sorted = torch.cat(outs) * weights_TK.reshape(-1)[order, None].to(x_TL.dtype)        # (TK, L)
     return torch.zeros_like(x_TL).index_add_(0, token_of, y_sorted)
 

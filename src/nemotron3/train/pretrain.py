@@ -28,6 +28,7 @@ import torch
 from ..config import from_preset
 from ..model import NemotronForCausalLM
 from ..model.moe import MoE
+from ..quant import NVFP4Recipe, apply_recipe, explain
 from .balance import expert_counts, load_stats, sequence_aux_loss, update_expert_bias
 from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from .data import PackedWindows, ResumableSampler, builtin_tokens, load_token_file, tokenize_to_file
@@ -53,7 +54,20 @@ class TrainConfig:
     data: str = ""
     """.txt / .jsonl files (comma-separated) or a tokenized .bin; empty = the built-in corpus."""
     precision: str = "fp32"
-    """fp32, or bf16 (autocast; CUDA, or CPU if it supports it)."""
+    """fp32; bf16 (autocast; CUDA, or CPU if it supports it); or nvfp4 (the Nemotron 3 NVFP4 recipe, emulated:
+    quantized GEMMs, everything else fp32 on CPU / bf16 autocast on CUDA; see --explain)."""
+    nvfp4_high_last: float = 0.15
+    """nvfp4: share of the hybrid layers, counted from the end, kept in high precision."""
+    nvfp4_mamba_out: str = "mxfp8"
+    """nvfp4: format of the Mamba out_proj layers (mxfp8, nvfp4 or high)."""
+    nvfp4_no_rht: bool = False
+    """nvfp4 ablation: no random Hadamard transform on wgrad."""
+    nvfp4_no_sr: bool = False
+    """nvfp4 ablation: round gradients to nearest instead of stochastically."""
+    nvfp4_no_2d: bool = False
+    """nvfp4 ablation: 1x16 weight blocks instead of 16x16 tiles."""
+    nvfp4_all: bool = False
+    """nvfp4 ablation: every linear layer of the hybrid stack and MTP in NVFP4 (no high-precision exceptions)."""
     device: str = "auto"
     """auto (CUDA if available, else CPU), cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK."""
     seq_len: int = 256
@@ -145,8 +159,8 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     step, or None for a progress bar (tqdm) with loss, tokens/s and ETA. model_config: a NemotronConfig to train
     instead of cfg.preset (the Python API's way to train any architecture, e.g. for ablations)."""
     from ..tokenizer import ByteTokenizer
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision {cfg.precision}: use fp32 or bf16 (nvfp4 comes with the NVFP4 issue).")
+    if cfg.precision not in ("fp32", "bf16", "nvfp4"):
+        raise ValueError(f"--precision {cfg.precision}: use fp32, bf16 or nvfp4.")
     if cfg.on_nan not in ("stop", "skip"):
         raise ValueError(f"--on-nan {cfg.on_nan}: use stop or skip.")
     for name in ("max_steps", "save_every", "keep_last", "seq_len", "batch_size", "grad_accum", "eval_every"):
@@ -160,6 +174,7 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     torch.manual_seed(cfg.seed)
     model = NemotronForCausalLM(model_config or from_preset(cfg.preset)).to(device).train()
+    quant = apply_recipe(model, nvfp4_recipe(cfg)) if cfg.precision == "nvfp4" else None
     tokenizer = ByteTokenizer()
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"preset {cfg.preset} has vocab_size {model.config.vocab_size} < 256 byte tokens.")
@@ -192,7 +207,8 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
         log(f"resumed from {ckpts[-1][1]} at step {step}")
         if bar is not None:
             bar.update(step)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "nvfp4" and device.type == "cuda")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else open(os.devnull, "w")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world
     t_start = time.perf_counter()
@@ -203,6 +219,10 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
         t0 = time.perf_counter()
         counts = {m.layer_idx: torch.zeros(m.gate.num_experts, dtype=torch.long, device=device) for m in moe_layers}
         total, main_loss, logged = 0.0, 0.0, {}
+        quant_step = quant is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps)
+        if quant is not None:
+            quant.reseed(step, rank)                   # stochastic rounding repeats exactly after a resume
+            quant.monitor(quant_step)
         for _ in range(cfg.grad_accum):
             ids = torch.stack([train_w[i] for i in sampler.next_batch()]).to(device, non_blocking=True)
             with autocast:
@@ -240,6 +260,9 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
         dt = time.perf_counter() - t0
         record = dict(step=step, loss=main_loss, total_loss=total, lr=lr, grad_norm=grad_norm,
                       tokens_per_s=tokens_per_step / dt, **logged)
+        if quant_step:
+            quant.monitor(False)
+            record.update(_quant_record(quant, cfg.out, step, rank))
         for i, c in counts.items():
             if c.sum() > 0:                      # an MTP layer with no MTP loss this run routes nothing
                 record.update({f"moe{i}_{k}": v for k, v in load_stats(c).items()})
@@ -273,6 +296,38 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def explain_precision(cfg: TrainConfig, model_config=None) -> str:
+    """Which format each GEMM layer trains in under cfg (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = NemotronForCausalLM(model_config or from_preset(cfg.preset))
+    if cfg.precision != "nvfp4":
+        return f"--precision {cfg.precision}: every layer trains in {cfg.precision} (use --precision nvfp4)."
+    quant = apply_recipe(model, nvfp4_recipe(cfg))
+    return f"{cfg.preset}, --precision nvfp4 (high = fp32 on CPU, bf16 autocast on CUDA):\n" + explain(quant.plan)
+
+
+def nvfp4_recipe(cfg: TrainConfig) -> NVFP4Recipe:
+    return NVFP4Recipe(high_precision_last=cfg.nvfp4_high_last, mamba_out_proj=cfg.nvfp4_mamba_out,
+                       rht=not cfg.nvfp4_no_rht, stochastic_rounding=not cfg.nvfp4_no_sr,
+                       weight_tile_2d=not cfg.nvfp4_no_2d, all_nvfp4=cfg.nvfp4_all, seed=cfg.seed)
+
+
+def _quant_record(quant, out_dir: str, step: int, rank: int) -> dict:
+    """Per-layer quantization statistics to quant_stats.jsonl; their means per format for metrics.jsonl
+    (e.g. nvfp4_ftz_act: share of nonzero activations flushed to zero, nvfp4_wgrad_zero: share of exactly-zero
+    weight-gradient elements)."""
+    per_layer = quant.stats()
+    fmt_of = {p.name: p.format for p in quant.plan}
+    means: dict = {}
+    for name, s in per_layer.items():
+        for k, v in s.items():
+            means.setdefault(f"{fmt_of[name]}_{k}", []).append(v)
+    if rank == 0:
+        with open(os.path.join(out_dir, "quant_stats.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "layers": per_layer}) + "\n")
+    return {k: sum(v) / len(v) for k, v in means.items()}
 
 
 def _distributed() -> tuple[int, int]:
@@ -337,8 +392,13 @@ def main(argv=None):
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=f.default,
                            help=f"{doc.get(f.name, '')} (default {f.default})")
-    args = p.parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+    p.add_argument("--explain", action="store_true", help="print each layer's training format and exit")
+    args = vars(p.parse_args(argv))
+    show_plan = args.pop("explain")
+    cfg = TrainConfig(**args)
+    if show_plan:
+        print(explain_precision(cfg))
+        return 0
     final = train(cfg)
     print(f"final model: {final}")
 
