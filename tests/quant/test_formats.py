@@ -174,3 +174,9 @@ def test_hadamard_matrix_and_transform():
     assert random_hadamard_transform(xb).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="signs"):
         hadamard_matrix((1, 2))
+
+
+def test_fused_quantizer_is_bit_identical():
+    x = torch.randn(48, 64) * torch.rand(48, 1) * 5
+    for tile in ((1, 16), (16, 16)):
+        assert torch.equal(nvfp4_quantize(x, tile, fused=True).dequantize(), nvfp4_quantize(x, tile).dequantize())

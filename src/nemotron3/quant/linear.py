@@ -33,6 +33,7 @@ class GemmFormat:
     stochastic_rounding: bool = True      # SR of the gradient operands in dgrad and wgrad (nvfp4)
     weight_tile_2d: bool = True           # 16x16 weight tiles (nvfp4); False: 1x16, W and W^T quantized separately
     signs: tuple = TE_SIGNS               # the Hadamard sign vector
+    fused: bool = False                   # quantize with one torch.compile'd graph (GPUs; same values)
 
     def __post_init__(self):
         if self.format not in ("nvfp4", "mxfp8"):
@@ -61,7 +62,7 @@ def _quantize(t: torch.Tensor, fmt: GemmFormat, tile, stochastic: bool, generato
     """(GEMM operand in fp32, tensor scale to apply after the GEMM). Records flush-to-zero (share of nonzero
     inputs that dequantize to 0) and relative error when stats is given."""
     if fmt.format == "nvfp4":
-        qt = nvfp4_quantize(t, tile, stochastic and fmt.stochastic_rounding, generator)
+        qt = nvfp4_quantize(t, tile, stochastic and fmt.stochastic_rounding, generator, fmt.fused)
         op, scale = qt.gemm_operand(), qt.tensor_scale
     else:
         op, scale = mxfp8_fake_quantize(t.float()), torch.ones((), device=t.device)

@@ -48,6 +48,8 @@ class NVFP4Recipe:
     all_nvfp4: bool = False
     """Ablation: every linear layer of the hybrid stack and the MTP heads in NVFP4 (embeddings, LM head and
     router stay high: they are not GEMMs of a block)."""
+    fused: str = "auto"
+    """Quantize with torch.compile'd kernels: auto (on CUDA), on, off. Same values; the emulation's speed on GPUs."""
     seed: int = 0
     """Seed of the stochastic-rounding generator (reseeded per step by the trainer for exact resume)."""
     signs: tuple = field(default=TE_SIGNS)
@@ -57,6 +59,8 @@ class NVFP4Recipe:
         for name in ("mamba_out_proj", "attention", "latent_projections", "mtp"):
             if getattr(self, name) not in FORMATS:
                 raise ValueError(f"NVFP4Recipe.{name}={getattr(self, name)!r}: use one of {', '.join(FORMATS)}.")
+        if self.fused not in ("auto", "on", "off"):
+            raise ValueError(f"NVFP4Recipe.fused={self.fused!r}: use auto, on or off.")
         if not 0 <= self.high_precision_last <= 1:
             raise ValueError(f"high_precision_last={self.high_precision_last}: use a share in [0, 1] (paper: 0.15).")
 
@@ -134,11 +138,12 @@ def apply_recipe(model: nn.Module, recipe: NVFP4Recipe | None = None) -> Quantiz
     layer_plan = plan(model, recipe)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device if device.type != "meta" else "cpu")
+    fused = recipe.fused == "on" or (recipe.fused == "auto" and device.type == "cuda")
     modules = {}
     for p in layer_plan:
         if p.format == "high":
             continue
-        fmt = GemmFormat(p.format, recipe.rht, recipe.stochastic_rounding, recipe.weight_tile_2d, recipe.signs)
+        fmt = GemmFormat(p.format, recipe.rht, recipe.stochastic_rounding, recipe.weight_tile_2d, recipe.signs, fused)
         parent_name, _, leaf = p.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         mod = getattr(parent, leaf)
