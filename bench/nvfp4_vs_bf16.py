@@ -99,12 +99,12 @@ def _plot(results, path, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results:
+    for i, r in enumerate(results):
         s, loss = zip(*r["evals"])
-        a.plot(s, loss, label=r["variant"])
+        a.plot(s, loss, label=r["variant"], color=f"C{i}")
         if r["variant"] != "high":
             s, gap = zip(*r["gap_curve"])
-            b.plot(s, gap, label=f"{r['variant']} ({r['final_gap_pct']:+.2f}%)")
+            b.plot(s, gap, label=f"{r['variant']} ({r['final_gap_pct']:+.2f}%)", color=f"C{i}")
     a.set(xlabel="step", ylabel="held-out loss (nats/token)", title=f"{args.preset}: held-out loss")
     a.set_yscale("log")
     b.axhline(1, color="gray", ls=":", lw=1)
