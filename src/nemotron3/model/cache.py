@@ -17,10 +17,13 @@ import torch
 
 class HybridCache:
     def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32,
-                 include_mtp: bool = False):
+                 include_mtp: bool = False, include_main: bool = True):
         self.batch_size, self.max_len = batch_size, max_len
         self.pos = 0                              # tokens already in the cache (same for every row: left padding)
         self.valid: torch.Tensor | None = None
+        # speculative verification: when a dict, Mamba layers run token by token and append their (conv, ssm) state
+        # after every token here, so rollback() can keep any accepted prefix exactly (nemotron3_spec.md §2.5)
+        self.history: dict[int, list] | None = None
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.conv: dict[int, torch.Tensor] = {}
         self.ssm: dict[int, torch.Tensor] = {}
@@ -29,6 +32,8 @@ class HybridCache:
             layers += list(config.mtp_layers_block_type) * config.num_nextn_predict_layers
         kv_shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         for i, kind in enumerate(layers):
+            if i < config.num_hidden_layers and not include_main:
+                continue
             if kind == "full_attention":
                 self.kv[i] = (torch.zeros(kv_shape, device=device, dtype=dtype),
                               torch.zeros(kv_shape, device=device, dtype=dtype))
@@ -62,6 +67,21 @@ class HybridCache:
     def attention_kv(self, layer_idx: int):
         k, v = self.kv[layer_idx]
         return k, v, self.valid
+
+    def start_history(self) -> int:
+        """Begin recording per-token Mamba states for a verify pass; returns the position it starts from."""
+        self.history = {}
+        return self.pos
+
+    def rollback(self, start: int, keep: int) -> None:
+        """After a verify pass that began at `start`, keep its first `keep` tokens (>= 1): Mamba layers take the
+        state recorded after token keep-1; attention just moves `pos` back (later K/V are overwritten, never read)."""
+        for i, states in (self.history or {}).items():
+            conv, ssm = states[keep - 1]
+            self.conv[i].copy_(conv)
+            self.ssm[i].copy_(ssm)
+        self.history = None
+        self.pos = start + keep
 
     def nbytes(self) -> int:
         tensors = [t for kv in self.kv.values() for t in kv] + list(self.conv.values()) + list(self.ssm.values())

@@ -198,9 +198,32 @@ class Mamba2Mixer(nn.Module):
         lo, hi = self.time_step_limit
         return dt if (lo, hi) == (0.0, math.inf) else dt.clamp(lo, hi)      # softplus > 0 already
 
-    def forward(self, hidden, mask=None, conv_state=None, ssm_state=None):
+    def _recurrent(self, xBC, dt_raw, conv_state, ssm_state, A, sdt, history):
+        """Token by token through the conv window and the SSM state (decode; speculative verification). With
+        `history` (a list), the (conv window, SSM state) after every token is appended, so that a speculative
+        verifier can keep the state of any accepted prefix (nemotron3_spec.md §2.5: vLLM/SGLang/Megatron do this)."""
+        b, L, _ = xBC.shape
+        H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
+        w = self.conv1d.weight[:, 0]                                          # (conv_dim, K) depthwise taps
+        ys = []
+        for t in range(L):
+            window = torch.cat([conv_state, xBC[:, t:t + 1]], dim=1)         # (b, K, conv_dim)
+            conv_state.copy_(window[:, 1:])
+            xc = torch.einsum("bkc,ck->bc", window, w)                        # (b, conv_dim)
+            if self.conv1d.bias is not None:
+                xc = xc + self.conv1d.bias
+            x, B, C = F.silu(xc).to(sdt).split([self.d_inner, G * N, G * N], dim=-1)
+            x = x.view(b, H, P)
+            y = ssd_step(x, self._dt(dt_raw[:, t], sdt), A, B.view(b, G, N), C.view(b, G, N), ssm_state)
+            ys.append((y + self.D.to(sdt)[:, None] * x).view(b, 1, self.d_inner))
+            if history is not None:
+                history.append((conv_state.clone(), ssm_state.clone()))
+        return ys[0] if L == 1 else torch.cat(ys, dim=1)
+
+    def forward(self, hidden, mask=None, conv_state=None, ssm_state=None, history=None):
         """hidden: (b, L, d). mask: (b, L) with 0 at padding, or None. conv_state (b, K-1, conv_dim) and ssm_state
-        (b, H, P, N) float32 are a cache's tensors, updated in place; None means start from zeros, keep nothing."""
+        (b, H, P, N) float32 are a cache's tensors, updated in place; None means start from zeros, keep nothing.
+        history: a list to receive the states after every token (then the L tokens run step by step)."""
         b, L, _ = hidden.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         if mask is not None:     # padded positions carry nothing (as HF: zero the input and the conv output)
@@ -210,16 +233,8 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.to(sdt))                                    # (H,)  A < 0 keeps the state stable
 
         w = self.conv1d.weight[:, 0]                                          # (conv_dim, K) depthwise taps
-        if ssm_state is not None and L == 1:      # decode: one recurrent step, state O(1) in sequence length
-            window = torch.cat([conv_state, xBC], dim=1)                      # (b, K, conv_dim)
-            conv_state.copy_(window[:, 1:])
-            xBC = torch.einsum("bkc,ck->bc", window, w)                       # (b, conv_dim)
-            if self.conv1d.bias is not None:
-                xBC = xBC + self.conv1d.bias
-            x, B, C = F.silu(xBC).to(sdt).split([self.d_inner, G * N, G * N], dim=-1)
-            x = x.view(b, H, P)
-            y = ssd_step(x, self._dt(dt_raw[:, 0], sdt), A, B.view(b, G, N), C.view(b, G, N), ssm_state)
-            y = (y + self.D.to(sdt)[:, None] * x).view(b, 1, self.d_inner)
+        if ssm_state is not None and (L == 1 or (history is not None and mask is None)):   # decode / verify
+            y = self._recurrent(xBC, dt_raw, conv_state, ssm_state, A, sdt, history)
         else:
             if mask is not None:    # zero padded conv inputs too, so a padded row equals the row alone even with
                 xBC = xBC * mask[:, :, None].to(xBC.dtype)      # use_bias (HF lets in_proj's bias leak into the conv)

@@ -76,7 +76,9 @@ class Block(nn.Module):
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "linear_attention":
             states = (cache.conv[self.layer_idx], cache.ssm[self.layer_idx]) if cache is not None else ()
-            x = self.mixer(x, mask if x.shape[1] > 1 else None, *states)
+            history = cache.history.setdefault(self.layer_idx, []) if cache is not None and cache.history is not None \
+                else None
+            x = self.mixer(x, mask if x.shape[1] > 1 else None, *states, history=history)
         elif self.kind == "full_attention":
             x = self.mixer(x, mask, cache.attention_kv(self.layer_idx) if cache is not None else None, pos)
         else:
@@ -282,13 +284,20 @@ class NemotronForCausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, attention_mask=None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 seed: int | None = None, compile: bool = False) -> torch.Tensor:
+                 seed: int | None = None, compile: bool = False, num_speculative_tokens: int = 0,
+                 min_p: float = 0.0, repetition_penalty: float = 1.0) -> torch.Tensor:
         """Prefill then one cached step per token. Returns (b, prompt + new) ids like HF generate; rows that hit
         eos are padded with eos afterwards. Prompts of different lengths: left-pad and pass attention_mask.
-        compile=True compiles the decode step first (see compile_decode)."""
+        compile=True compiles the decode step first (see compile_decode). num_speculative_tokens=K > 0 drafts K
+        tokens per step with the MTP heads and verifies them in one pass (greedy output is identical; sampling keeps
+        the model's distribution); it, min_p and repetition_penalty run through nemotron3.infer.Engine."""
         from .sampling import sample_next_token, check_sampling_args
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         b, L = self._check_inputs(input_ids, None)
+        if num_speculative_tokens or min_p or repetition_penalty != 1.0:
+            return self._generate_with_engine(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                                              top_k, top_p, min_p, repetition_penalty, eos_token_id, seed,
+                                              num_speculative_tokens)
         if L + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}; shorten the prompt or ask for fewer tokens.")
@@ -317,6 +326,25 @@ class NemotronForCausalLM(nn.Module):
                 break
             logits = self(nxt[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
         return torch.cat([input_ids, out[:, :n + 1]], dim=1)
+
+    def _generate_with_engine(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                              min_p, repetition_penalty, eos_token_id, seed, num_speculative_tokens):
+        from ..infer import Engine, Request, SamplingParams
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        reqs = []
+        for i, row in enumerate(input_ids.tolist()):
+            if attention_mask is not None:
+                row = [t for t, m in zip(row, attention_mask[i, -len(row):].tolist()) if m]
+            params = SamplingParams(temperature if do_sample else 0.0, top_k or 0, top_p or 1.0, min_p,
+                                    repetition_penalty, None if seed is None else seed + i)
+            reqs.append(Request(row, max_new_tokens, params, stop_token_ids=eos))
+        results = Engine(self, None, num_speculative_tokens).generate(reqs)
+        n = max(len(r.token_ids) + (r.finish_reason == "stop") for r in results)
+        pad = eos[0] if eos else 0
+        out = torch.full((len(results), n), pad, dtype=input_ids.dtype, device=input_ids.device)
+        for i, r in enumerate(results):
+            out[i, :len(r.token_ids)] = torch.tensor(r.token_ids, dtype=input_ids.dtype)
+        return torch.cat([input_ids, out], dim=1)
 
     # ---- checkpoints ----
     @classmethod

@@ -1,0 +1,186 @@
+"""The inference engine against plain decoding and against exact probabilities: speculative greedy output equals
+plain greedy token for token; a rejection leaves the hybrid cache exactly where plain decoding would; speculative
+sampling keeps the model's distribution; sampling filters equal a float64 reference; budget, stops, logprobs."""
+
+import math
+
+import pytest
+import torch
+
+from nemotron3 import NemotronForCausalLM, from_preset
+from nemotron3.infer import Engine, Request, SamplingParams, target_probs
+from nemotron3.infer.budget import ReasoningBudget
+from nemotron3.tokenizer import ByteTokenizer
+from nemotron3.train.pretrain import TrainConfig, train
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny hybrid after 120 steps on the built-in corpus: its MTP head drafts well enough to be accepted."""
+    out = tmp_path_factory.mktemp("run")
+    final = train(TrainConfig(out=str(out), max_steps=100, save_every=100, eval_every=100, seq_len=64, batch_size=8,
+                              train_tokens=80_000), log=lambda *_: None)
+    return NemotronForCausalLM.from_pretrained(final).eval()
+
+
+def random_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return NemotronForCausalLM(from_preset("tiny", **kw)).eval()
+
+
+PROMPTS = ["12+35=<think>", "The quick brown fox", "a"]
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_speculative_greedy_equals_plain_greedy(trained, K):
+    for model in (random_model(), trained):
+        reqs = [Request(TOK.encode(p), max_tokens=24) for p in PROMPTS]
+        plain = Engine(model, TOK).generate(reqs)
+        engine = Engine(model, TOK, num_speculative_tokens=K)
+        spec = engine.generate(reqs)
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+        single = [Engine(model, TOK, num_speculative_tokens=K).generate([r])[0].token_ids for r in reqs]
+        assert single == [r.token_ids for r in plain]                  # batching changes nothing either
+    assert engine.acceptance()[0] > 0.3                                 # the trained MTP head drafts usefully
+    ids = torch.tensor([TOK.encode(PROMPTS[1])])
+    assert torch.equal(trained.generate(ids, 30, num_speculative_tokens=K), trained.generate(ids, 30))
+
+
+@torch.no_grad()
+def test_rejection_restores_the_cache_exactly(trained):
+    model, prompt = trained, torch.tensor([TOK.encode("The quick brown fox")])
+    plain = model.new_cache(1, 64)
+    spec = model.new_cache(1, 64)
+    for c in (plain, spec):
+        model(prompt, cache=c)
+    t0, d1, d2, d3 = 32, 106, 117, 109                  # d1 kept; d2, d3 rejected
+    for t in (t0, d1):
+        model(torch.tensor([[t]]), cache=plain)
+    start = spec.start_history()
+    model(torch.tensor([[t0, d1, d2, d3]]), cache=spec)
+    spec.rollback(start, 2)
+    assert spec.pos == plain.pos
+    for i in plain.ssm:
+        assert torch.allclose(spec.ssm[i], plain.ssm[i], atol=1e-6) and torch.allclose(spec.conv[i], plain.conv[i], atol=1e-5)
+    for i in plain.kv:
+        for a, b in zip(spec.kv[i], plain.kv[i]):
+            assert torch.allclose(a[:, :, :plain.pos], b[:, :, :plain.pos], atol=1e-6)
+    nxt = torch.tensor([[101]])
+    assert torch.allclose(model(nxt, cache=spec).logits, model(nxt, cache=plain).logits, atol=1e-5)
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    model = random_model(3, vocab_size=8)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)                    # drafts get accepted and rejected
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p1 = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+        exact = torch.stack([p1[a] * model(torch.tensor([prompt + [a]])).logits[0, -1].softmax(-1) for a in range(8)])
+    n, counts = 2000, torch.zeros(8, 8)
+    engine = Engine(model, None, num_speculative_tokens=2)
+    for batch in range(n // 250):                   # batched rows with their own seeds: the batch rule is exact too
+        for r in engine.generate([Request(prompt, 2, SamplingParams(temperature=1.0, seed=batch * 250 + s))
+                                  for s in range(250)]):
+            counts[r.token_ids[0], r.token_ids[1]] += 1
+    tv = 0.5 * (counts / n - exact).abs().sum()
+    assert 0.1 < engine.acceptance()[0] < 0.95                      # both branches of the accept rule ran
+    assert tv < 0.08, f"total variation {tv:.3f} between speculative samples and the model's distribution"
+
+
+def _reference_probs(logits, seen, p: SamplingParams):
+    """float64, written from the definitions, one token at a time."""
+    l = [float(v) for v in logits]
+    for t in set(seen):
+        l[t] = l[t] / p.repetition_penalty if l[t] > 0 else l[t] * p.repetition_penalty
+    l = [v / p.temperature for v in l]
+    order = sorted(range(len(l)), key=lambda i: -l[i])
+    keep = set(order[:p.top_k] if p.top_k else order)
+    z = sum(math.exp(l[i]) for i in range(len(l)) if i in keep)
+    probs = {i: math.exp(l[i]) / z for i in keep}
+    mass, nucleus = 0.0, set()
+    for i in sorted(probs, key=lambda i: -probs[i]):
+        if mass >= p.top_p:
+            break
+        nucleus.add(i)
+        mass += probs[i]
+    top = max(probs.values())
+    final = {i: v for i, v in probs.items() if i in nucleus and v >= p.min_p * top}
+    z = sum(final.values())
+    return [final.get(i, 0.0) / z for i in range(len(l))]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.7, 5, 1.0, 0.0, 1.0), SamplingParams(1.3, 0, 0.8, 0.0, 1.0),
+                                    SamplingParams(1.0, 0, 1.0, 0.2, 1.0), SamplingParams(0.9, 10, 0.9, 0.05, 1.5)])
+def test_sampling_filters_match_a_reference(params):
+    torch.manual_seed(0)
+    logits, seen = torch.randn(40) * 2, torch.tensor([3, 7, 7, 11])
+    ours = target_probs(logits, params, seen).double()
+    assert torch.allclose(ours, torch.tensor(_reference_probs(logits, seen.tolist(), params), dtype=torch.float64),
+                          atol=1e-6)
+
+
+def test_stops_logprobs_streaming_and_seeds(trained):
+    prompt = TOK.encode("The quick brown fox")
+    base = Engine(trained, TOK).generate([Request(prompt, max_tokens=30)])[0]
+    stop = base.text[5:8]
+    r = Engine(trained, TOK).generate([Request(prompt, 30, stop=[stop])])[0]
+    assert r.finish_reason == "stop" and r.text == base.text[:base.text.index(stop)]
+    r = Engine(trained, TOK).generate([Request(prompt, 30, stop_token_ids=[base.token_ids[3]])])[0]
+    assert r.token_ids == base.token_ids[:3] and r.finish_reason == "stop"
+    assert base.finish_reason == "length" and len(base.token_ids) == 30
+    r = Engine(trained, TOK).generate([Request(prompt, 6, logprobs=3)])[0]
+    with torch.no_grad():
+        full = trained(torch.tensor([prompt + r.token_ids])).logits[0].log_softmax(-1)
+    for j, lp in enumerate(r.logprobs):
+        assert abs(lp["logprob"] - float(full[len(prompt) - 1 + j, lp["token"]])) < 1e-4 and len(lp["top"]) == 3
+    engine = Engine(trained, TOK, num_speculative_tokens=2)
+    events = list(engine.stream([Request(prompt, 25, stop=["zz"])]))
+    assert "".join(e.text for e in events) == engine.last_results[0].text
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
+    a, b = (Engine(trained, TOK).generate([Request(prompt, 20, sp)])[0].token_ids for _ in range(2))
+    assert a == b
+
+
+def test_reasoning_budget_closes_the_thought(trained):
+    prompt = TOK.encode("Q: 3+4=?\n<think>\n")
+    free = Engine(trained, TOK).generate([Request(prompt, 60, thinking=True)])[0]
+    for K in (0, 2):
+        reqs = [Request(prompt, 60, thinking=True, reasoning_budget=b) for b in (0, 6, 1000)]
+        res = Engine(trained, TOK, num_speculative_tokens=K).generate(reqs)
+        assert res[0].text.startswith(".\n</think>\n\n") and res[0].budget_forced
+        assert res[0].reasoning == "." and res[0].content == res[0].text.split("</think>", 1)[1].strip()
+        cut = res[1].text.index(".\n</think>\n\n")   # after >= 6 thinking tokens and a newline, or 6 + grace
+        assert 6 <= len(TOK.encode(res[1].text[:cut])) <= 6 + 8 and res[1].budget_forced
+        assert res[2].token_ids == free.token_ids and not res[2].budget_forced      # budget never reached
+    b = ReasoningBudget(3, [9, 9], "</think>", lambda ids: "x\n" if ids == [1] else "a")
+    for t in (2, 2, 2):
+        assert b.next_forced() is None
+        b.observe(t)
+    assert b.next_forced() is None                  # budget reached, but no newline yet: grace window
+    b.observe(1)
+    assert b.next_forced() == 9                     # newline after the budget: close now
+
+
+@pytest.mark.parametrize("req, match", [
+    (Request([], 5), "empty prompt"),
+    (Request([1], 0), "max_tokens"),
+    (Request([1] * 4090, 10), "exceeds the model's context"),
+    (Request([300], 5), "prompt ids must lie"),
+    (Request([1], 5, reasoning_budget=5), "opens a thought"),
+])
+def test_bad_requests_are_clear_errors(req, match):
+    with pytest.raises(ValueError, match=match):
+        Engine(random_model(), TOK).generate([req])
+
+
+@pytest.mark.parametrize("kw, match", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                                       (dict(top_p=1.5), "top_p"), (dict(min_p=1), "min_p"),
+                                       (dict(repetition_penalty=0), "repetition_penalty")])
+def test_bad_sampling_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+    with pytest.raises(ValueError, match="MTP heads"):
+        Engine(random_model(num_nextn_predict_layers=0), TOK, num_speculative_tokens=2)
