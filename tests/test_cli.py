@@ -27,6 +27,22 @@ def test_generate_from_a_checkpoint(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt-ids", "1,2,3", "--max-new-tokens", "5"]) == 0
     got = [int(t) for t in capsys.readouterr().out.strip().split(",")]
     assert got == model.generate(torch.tensor([[1, 2, 3]]), 5)[0, 3:].tolist()
+    for k in ("0", "3"):           # plain and MTP-speculative decoding print the same greedy tokens
+        assert main(["generate", "--model", str(tmp_path / "m"), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                     "--num-speculative-tokens", k]) == 0
+        assert [int(t) for t in capsys.readouterr().out.strip().split(",")] == got
+
+
+def test_chat_streams_reasoning_and_answer(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    NemotronForCausalLM(from_preset("tiny")).eval().save_pretrained(tmp_path / "m")
+    lines = iter(["7+5=?", "and 2+2=?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(tmp_path / "m"), "--max-new-tokens", "40", "--reasoning-budget", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("</think>") >= 2              # each turn's thought closed (budget 3 forces it)
+    lines = iter(["hi", ""])
+    assert main(["chat", "--model", str(tmp_path / "m"), "--max-new-tokens", "4", "--no-think"]) == 0
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -39,6 +55,9 @@ def test_generate_from_a_checkpoint(tmp_path, capsys):
     (["generate", "--preset", "tiny", "--prompt-ids", "1,999"], "vocab_size is 256"),
     (["generate", "--model", "/no/such/dir", "--prompt", "x"], "not a directory"),
     (["generate", "--preset", "tiny", "--prompt", "x", "--max-new-tokens", "100000"], "max_position_embeddings"),
+    (["generate", "--preset", "tiny", "--prompt", "x", "--min-p", "2"], "--min-p"),
+    (["generate", "--preset", "tiny", "--prompt", "x", "--num-speculative-tokens", "-1"], "--num-speculative"),
+    (["chat", "--preset", "tiny", "--reasoning-budget", "-2"], "--reasoning-budget"),
 ])
 def test_bad_input_is_one_clear_line(argv, match, capsys):
     assert main(argv) == 2

@@ -2,6 +2,7 @@
 
     nemotron3 info --preset nano-30b-a3b                  # layer plan and total / active parameters, no weights
     nemotron3 generate --preset tiny --prompt "Hello"     # random weights; --model DIR for a checkpoint
+    nemotron3 chat --model runs/demo/final                # interactive, streaming, thinking shown dimmed
     nemotron3 demo                                        # what `make demo` runs
     nemotron3 train --preset tiny --out runs/tiny --max-steps 300 --save-every 100 [--resume]
 
@@ -15,7 +16,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "demo", "train", "plot")
+COMMANDS = ("info", "generate", "chat", "demo", "train", "plot")
 
 
 class UserError(Exception):
@@ -104,6 +105,13 @@ def _generate_args(prog):
                    help="weights dtype when loading --model (auto = as saved)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step first (a few seconds once; ~2x faster decoding on CPU)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="MTP drafts per step (default: 3 when the model has MTP heads, else 0; 0 = plain decoding)")
+    p.add_argument("--reasoning-budget", type=int, default=None,
+                   help="thinking tokens allowed before the thought is closed (chat / a prompt that opens <think>)")
     return p
 
 
@@ -112,12 +120,7 @@ def generate_main(argv):
 
     from .tokenizer import load_tokenizer
     args = _generate_args("nemotron3 generate").parse_args(argv)
-    if args.temperature < 0:
-        raise UserError(f"--temperature {args.temperature} must be >= 0 (0 = greedy).")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p} must lie in (0, 1].")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
+    _check_sampling_flags(args)
     model = _load_model(args)
     if args.prompt_ids is not None:
         try:
@@ -132,15 +135,91 @@ def generate_main(argv):
         ids = tok.encode(args.prompt)
     if not ids:
         raise UserError("the prompt has no tokens; give a non-empty --prompt or --prompt-ids.")
-    x = torch.tensor([ids], device=model.lm_head.weight.device)
+    engine = _engine(model, tok, args)
+    req = _request(ids, args, args.max_new_tokens, thinking=tok is not None and tok.decode(ids).rstrip().endswith(
+        "<think>"))
     t0 = time.perf_counter()
-    out = model.generate(x, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         compile=args.compile)
+    res = engine.generate([req])[0]
     dt = time.perf_counter() - t0
-    new = out[0, len(ids):].tolist()
-    print(tok.decode(new) if tok else ",".join(map(str, new)))
-    print(f"[{len(new)} tokens in {dt:.2f}s, {len(new) / dt:.1f} tok/s]", file=sys.stderr)
+    print(res.text if tok else ",".join(map(str, res.token_ids)))
+    n = len(res.token_ids)
+    spec = f", draft acceptance {engine.acceptance()}" if engine.K else ""
+    print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s{spec}]", file=sys.stderr)
+
+
+def _check_sampling_flags(args):
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature} must be >= 0 (0 = greedy).")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p} must lie in (0, 1].")
+    if not 0 <= args.min_p < 1:
+        raise UserError(f"--min-p {args.min_p} must lie in [0, 1).")
+    if args.repetition_penalty <= 0:
+        raise UserError(f"--repetition-penalty {args.repetition_penalty} must be > 0 (1 = off).")
+    if args.reasoning_budget is not None and args.reasoning_budget < 0:
+        raise UserError(f"--reasoning-budget {args.reasoning_budget} must be >= 0.")
+
+
+def _engine(model, tok, args):
+    from .infer import Engine
+    K = args.num_speculative_tokens
+    if K is None:
+        K = 3 if model.mtp is not None else 0
+    if K < 0:
+        raise UserError(f"--num-speculative-tokens {K} must be >= 0.")
+    if args.compile:
+        model.compile_decode()
+    return Engine(model, tok, num_speculative_tokens=K)
+
+
+def _request(ids, args, max_tokens, thinking):
+    from .infer import Request, SamplingParams
+    params = SamplingParams(args.temperature, args.top_k or 0, args.top_p or 1.0, args.min_p,
+                            args.repetition_penalty, args.seed)
+    return Request(ids, max_tokens, params, stop=args.stop, thinking=thinking,
+                   reasoning_budget=args.reasoning_budget if thinking else None)
+
+
+def chat_main(argv):
+    """Interactive chat: the model's chat template (enable_thinking), streamed output, thinking shown dimmed."""
+    from .tokenizer import load_tokenizer
+    p = _generate_args("nemotron3 chat")
+    p.add_argument("--no-think", action="store_true", help="reasoning off (enable_thinking=False)")
+    p.add_argument("--system", default=None, help="system message")
+    args = p.parse_args(argv)
+    _check_sampling_flags(args)
+    model = _load_model(args)
+    tok = load_tokenizer(args.model, model.config.vocab_size)
+    engine = _engine(model, tok, args)
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("nemotron3 chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=not args.no_think)
+        thinking = prompt.rstrip().endswith("<think>")
+        req = _request(tok.encode(prompt), args, args.max_new_tokens, thinking)
+        in_thought = thinking
+        sys.stdout.write(dim if in_thought else "")
+        for ev in engine.stream([req]):
+            text = ev.text
+            if in_thought and "</think>" in text:
+                head, tail = text.split("</think>", 1)
+                text, in_thought = head + "</think>" + reset + tail, False
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        res = engine.last_results[0]
+        print(reset)
+        messages.append({"role": "assistant", "content": res.content})
+    return 0
 
 
 def demo_main(argv):
@@ -200,7 +279,7 @@ def main(argv=None):
     from .train.data import DataError
     from .train.plot import main as plot_main
     from .train.pretrain import main as train_main
-    handler = {"info": info_main, "generate": generate_main, "demo": demo_main, "train": train_main,
+    handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "demo": demo_main, "train": train_main,
                "plot": plot_main}[argv[0]]
     from .checkpoint import CheckpointError
     try:

@@ -19,6 +19,26 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            enable_thinking: bool = True, **kwargs) -> str:
+        """The built-in corpus's format (what the demo model learned): "Q: ...\n<think>...</think>\nA: ...\n".
+        System messages are prepended as plain lines; earlier answers keep no reasoning (as Nemotron 3's template
+        drops earlier turns' thinking). enable_thinking=False prefills an empty thought."""
+        out = []
+        for m in messages:
+            role, content = m.get("role"), m.get("content", "")
+            if role == "system":
+                out.append(f"{content}\n")
+            elif role == "user":
+                out.append(f"Q: {content}\n")
+            elif role == "assistant":
+                out.append(f"<think></think>\nA: {content}\n")
+            else:
+                raise ValueError(f"unknown chat role {role!r}: use system, user or assistant.")
+        if add_generation_prompt:
+            out.append("<think>" if enable_thinking else "<think></think>\nA: ")
+        return "".join(out)
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` (through the `tokenizers` library), with the special tokens and the Jinja

@@ -49,6 +49,8 @@ class Request:
     """Thinking tokens allowed before the thought is closed (needs thinking=True)."""
     thinking: bool = False
     """The prompt opened a thought (chat template with enable_thinking): output starts as reasoning."""
+    thought_close: str = CLOSE_THOUGHT
+    """What a budget forces to end the thought (NVIDIA's: ".\n</think>\n\n"; match the model's training format)."""
 
 
 @dataclass
@@ -87,7 +89,7 @@ class _Row:
             if not req.thinking:
                 raise ValueError("reasoning_budget needs a prompt that opens a thought (thinking=True / "
                                  "enable_thinking in the chat template).")
-            self.budget = ReasoningBudget(req.reasoning_budget, tokenizer.encode(CLOSE_THOUGHT), END_THINK,
+            self.budget = ReasoningBudget(req.reasoning_budget, tokenizer.encode(req.thought_close), END_THINK,
                                           tokenizer.decode)
 
     def emit(self, token: int, logits: torch.Tensor | None) -> str:
@@ -248,7 +250,8 @@ class Engine:
                                  f"for fewer tokens.")
             V = self.model.config.vocab_size
             if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= V:
-                raise ValueError(f"prompt ids must lie in [0, {V}); tokenize with this model's tokenizer.")
+                raise ValueError(f"prompt ids must lie in [0, {V}) (vocab_size is {V}); tokenize with this model's "
+                                 f"tokenizer.")
 
     def _choose(self, rows, logits):
         """Next token per row from logits (B, V): the budget's forced token, or a sample of the row's target."""
