@@ -78,7 +78,10 @@ class _Row:
     def __init__(self, req: Request, tokenizer, device):
         self.req, self.tok = req, tokenizer
         self.tokens: list[int] = []
-        self.seen = torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
+        self.seen = list(req.prompt_ids)                     # prompt + output ids (repetition penalty)
+        self.device = device
+        # greedy without a repetition penalty needs no distribution: the batch's argmax is the choice
+        self.plain_greedy = req.sampling.greedy and req.sampling.repetition_penalty == 1.0
         self.done, self.finish, self.text, self.shown = False, "length", "", 0
         self.logprobs = [] if req.logprobs is not None else None
         self.generator = torch.Generator(device=device).manual_seed(req.sampling.seed) \
@@ -95,7 +98,7 @@ class _Row:
     def emit(self, token: int, logits: torch.Tensor | None) -> str:
         """Append a token; returns the text that became visible. Sets done when a stop condition hits."""
         self.tokens.append(token)
-        self.seen = torch.cat([self.seen, self.seen.new_tensor([token])])
+        self.seen.append(token)
         if self.budget is not None:
             self.budget.observe(token)
         if self.logprobs is not None and logits is not None:
@@ -115,6 +118,11 @@ class _Row:
         visible = self.text[:max(self.shown, len(self.text) - hold)]
         piece, self.shown = visible[self.shown:], len(visible)
         return piece
+
+    def seen_tensor(self, extra=()) -> torch.Tensor | None:
+        if self.req.sampling.repetition_penalty == 1.0:
+            return None
+        return torch.tensor(self.seen + list(extra), dtype=torch.long, device=self.device)
 
     def result(self) -> Result:
         text = self.text
@@ -255,13 +263,13 @@ class Engine:
 
     def _choose(self, rows, logits):
         """Next token per row from logits (B, V): the budget's forced token, or a sample of the row's target."""
-        out = []
-        for row, lg in zip(rows, logits):
+        out, argmax = [], logits.argmax(-1).tolist()
+        for row, lg, am in zip(rows, logits, argmax):
             forced = row.budget.next_forced() if row.budget is not None else None
-            if forced is not None:
-                out.append(forced)
+            if forced is not None or row.plain_greedy:
+                out.append(forced if forced is not None else am)
                 continue
-            p = target_probs(lg, row.req.sampling, row.seen)
+            p = target_probs(lg, row.req.sampling, row.seen_tensor())
             out.append(int(p.argmax()) if row.req.sampling.greedy else int(sample(p, row.generator)))
         return torch.tensor(out, device=logits.device)
 
@@ -282,16 +290,19 @@ class Engine:
         pos0 = mtp_cache.pos
         saved = {i: (mtp_cache.conv[i].clone(), mtp_cache.ssm[i].clone()) for i in mtp_cache.ssm}
         drafts, qs, h = [], [], draft_h
-        seen = [row.seen for row in rows]
+        extra = [[] for _ in rows]
         for j in range(1, self.K + 1):
             logits = model.lm_head(h[:, -1]).float()
-            d, q = [], []
+            d, q, argmax = [], [], logits.argmax(-1).tolist()
             for i, row in enumerate(rows):
-                p = target_probs(logits[i], row.req.sampling, seen[i])
-                t = int(p.argmax()) if row.req.sampling.greedy else int(sample(p, row.generator))
+                if row.plain_greedy:
+                    t, p = argmax[i], None
+                else:
+                    p = target_probs(logits[i], row.req.sampling, row.seen_tensor(extra[i]))
+                    t = int(p.argmax()) if row.req.sampling.greedy else int(sample(p, row.generator))
                 d.append(t)
                 q.append(p)
-                seen[i] = torch.cat([seen[i], seen[i].new_tensor([t])])
+                extra[i].append(t)
             d = torch.tensor(d, device=last.device)
             drafts.append(d)
             qs.append(q)
@@ -310,16 +321,25 @@ class Engine:
         and n = the fewest drafts a live row accepted (budget forcing counts as a rejection at its position)."""
         K = self.K
         chosen, counts = [], []
+        vargmax, dl = vlogits.argmax(-1).tolist(), drafts.tolist()
         for i, row in enumerate(rows):
             budget = copy.deepcopy(row.budget) if row.budget is not None else None
-            seen = row.seen
             toks, a = [], 0
             for j in range(K + 1):
                 forced = budget.next_forced() if budget is not None else None
                 if forced is not None:
                     toks.append(forced)
                     break
-                p = target_probs(vlogits[i, j], row.req.sampling, seen)
+                if row.plain_greedy:                                      # argmax equality, no distributions
+                    if j == K or dl[i][j] != vargmax[i][j]:
+                        toks.append(vargmax[i][j])
+                        break
+                    toks.append(dl[i][j])
+                    a += 1
+                    if budget is not None:
+                        budget.observe(dl[i][j])
+                    continue
+                p = target_probs(vlogits[i, j], row.req.sampling, row.seen_tensor(toks))
                 if j == K:                                                # every draft accepted: bonus token
                     toks.append(int(p.argmax()) if row.req.sampling.greedy else int(sample(p, row.generator)))
                     break
@@ -339,7 +359,6 @@ class Engine:
                     break
                 toks.append(d)
                 a += 1
-                seen = torch.cat([seen, seen.new_tensor([d])])
                 if budget is not None:
                     budget.observe(d)
             chosen.append(toks)
