@@ -3,6 +3,7 @@
     nemotron3 info --preset nano-30b-a3b                  # layer plan and total / active parameters, no weights
     nemotron3 generate --preset tiny --prompt "Hello"     # random weights; --model DIR for a checkpoint
     nemotron3 chat --model runs/demo/final                # interactive, streaming, thinking shown dimmed
+    nemotron3 serve --model runs/demo/final --port 8000   # OpenAI-compatible server (continuous batching)
     nemotron3 demo                                        # what `make demo` runs
     nemotron3 train --preset tiny --out runs/tiny --max-steps 300 --save-every 100 [--resume]
 
@@ -16,7 +17,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "chat", "demo", "train", "plot")
+COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "plot")
 
 
 class UserError(Exception):
@@ -222,6 +223,53 @@ def chat_main(argv):
     return 0
 
 
+def serve_main(argv):
+    """`nemotron3 serve`: the OpenAI-compatible server (serve/server.py)."""
+    from .serve import make_server
+    from .tokenizer import load_tokenizer
+    p = argparse.ArgumentParser(prog="nemotron3 serve", description=serve_main.__doc__)
+    p.add_argument("--model", help="checkpoint directory (Hugging Face layout; tokenizer.json used if present)")
+    p.add_argument("--preset", help="random weights of a built-in architecture (for trying the API)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("NEMOTRON3_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $NEMOTRON3_API_KEY; none = open)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the answer is 429")
+    p.add_argument("--max-len", type=int, default=None, help="context per request (default: the model's)")
+    p.add_argument("--num-speculative-tokens", type=int, default=3, help="MTP drafts per step when the model has them")
+    p.add_argument("--no-speculative", action="store_true", help="plain decoding even with MTP heads")
+    p.add_argument("--no-continuous-batching", action="store_true",
+                   help="a batch runs to completion before waiting requests join (the baseline of bench/serve_load.py)")
+    args = p.parse_args(argv)
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port {args.port} must lie in [0, 65535] (0 = any free port).")
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1.")
+    if args.num_speculative_tokens < 0:
+        raise UserError(f"--num-speculative-tokens {args.num_speculative_tokens} must be >= 0.")
+    model = _load_model(args)
+    tok = load_tokenizer(args.model, model.config.vocab_size)
+    K = 0 if args.no_speculative or model.mtp is None else args.num_speculative_tokens
+    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else args.preset)
+    try:
+        server = make_server(model, tok, args.host, args.port, args.api_key, args.max_batch, args.max_queue, K, name,
+                             continuous=not args.no_continuous_batching, max_len=args.max_len)
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; choose another --port.") from None
+    print(f"serving {name} on http://{args.host}:{server.server_port}/v1 (speculative tokens {K}, "
+          f"{args.max_batch} slots, auth {'on' if args.api_key else 'off'})", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def demo_main(argv):
     """What `make demo` runs: train the tiny hybrid LatentMoE + MTP model on the built-in corpus (~2 min on 2 CPU
     cores), then evaluate it against the unigram baseline and on held-out additions, and show a few answers."""
@@ -279,7 +327,8 @@ def main(argv=None):
     from .train.data import DataError
     from .train.plot import main as plot_main
     from .train.pretrain import main as train_main
-    handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "demo": demo_main, "train": train_main,
+    handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "serve": serve_main,
+               "demo": demo_main, "train": train_main,
                "plot": plot_main}[argv[0]]
     from .checkpoint import CheckpointError
     try:

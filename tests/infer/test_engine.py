@@ -11,18 +11,8 @@ from nemotron3 import NemotronForCausalLM, from_preset
 from nemotron3.infer import Engine, Request, SamplingParams, target_probs
 from nemotron3.infer.budget import ReasoningBudget
 from nemotron3.tokenizer import ByteTokenizer
-from nemotron3.train.pretrain import TrainConfig, train
 
 TOK = ByteTokenizer()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The tiny hybrid after 120 steps on the built-in corpus: its MTP head drafts well enough to be accepted."""
-    out = tmp_path_factory.mktemp("run")
-    final = train(TrainConfig(out=str(out), max_steps=100, save_every=100, eval_every=100, seq_len=64, batch_size=8,
-                              train_tokens=80_000), log=lambda *_: None)
-    return NemotronForCausalLM.from_pretrained(final).eval()
 
 
 def random_model(seed=0, **kw):
