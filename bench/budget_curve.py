@@ -5,7 +5,8 @@ model answers held-out additions with its reasoning cut by the engine's budget c
     python bench/budget_curve.py                                   # trains the demo model first
 
 Prompts are the built-in corpus's "Q: a+b=?\\n<think>"; the budget closes a thought with ".</think>\\n" (the format
-this model learned; NVIDIA's models use ".\\n</think>\\n\\n"), then the model writes "A: <sum>". Budget "none" is
+this model learned; NVIDIA's models use ".\\n</think>\\n\\n"), then the model writes "A: <sum>". The demo's thoughts
+have no newlines, so the grace window is 0: the cut comes exactly at N tokens. Budget "none" is
 free reasoning. Also reported: mean thinking tokens actually used. Writes bench/results/budget_curve.json / .png.
 """
 
@@ -51,6 +52,7 @@ def main():
     rows = []
     for budget in [None] + args.budgets:
         reqs = [Request(tok.encode(q), 48, thinking=True, reasoning_budget=budget, thought_close=".</think>\n",
+                        budget_grace=0,
                         stop=["\nQ:"]) for q, _ in problems]
         res = []
         for i in range(0, len(reqs), 50):

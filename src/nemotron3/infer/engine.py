@@ -49,6 +49,8 @@ class Request:
     """Thinking tokens allowed before the thought is closed (needs thinking=True)."""
     thinking: bool = False
     """The prompt opened a thought (chat template with enable_thinking): output starts as reasoning."""
+    budget_grace: int | None = None
+    """Extra thinking tokens allowed while waiting for a newline after the budget (default 10%, at least 8)."""
     thought_close: str = CLOSE_THOUGHT
     """What a budget forces to end the thought (NVIDIA's: ".\n</think>\n\n"; match the model's training format)."""
 
@@ -93,7 +95,7 @@ class _Row:
                 raise ValueError("reasoning_budget needs a prompt that opens a thought (thinking=True / "
                                  "enable_thinking in the chat template).")
             self.budget = ReasoningBudget(req.reasoning_budget, tokenizer.encode(req.thought_close), END_THINK,
-                                          tokenizer.decode)
+                                          tokenizer.decode, grace=req.budget_grace)
 
     def emit(self, token: int, logits: torch.Tensor | None) -> str:
         """Append a token; returns the text that became visible. Sets done when a stop condition hits."""

@@ -44,6 +44,7 @@ class Batcher(Engine):
         self.keys: list = [None] * max_batch                              # the caller's handle per slot
         self.last = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.draft_h = torch.zeros(max_batch, 1, cfg.hidden_size, device=self.device, dtype=self.dtype)
+        self.compactions = 0
 
     def _new(self, cfg, b, include_mtp):
         c = HybridCache(cfg, b, self.buf, self.device, self.dtype, include_mtp=include_mtp, include_main=not include_mtp)
@@ -110,6 +111,7 @@ class Batcher(Engine):
 
     def compact(self) -> None:
         """Pack every row's visible K/V entries to the front of the buffer, keeping their order."""
+        self.compactions += 1
         for c in (self.cache, self.mtp_cache):
             if c is None:
                 continue

@@ -1,0 +1,131 @@
+"""Load test of `nemotron3 serve` on loopback: N concurrent streaming clients for a fixed time, with continuous
+batching and, in the same run, without it (a batch runs to completion before waiting requests join) as baseline.
+
+    python bench/serve_load.py --model runs/demo/final            # ~2 min
+    python bench/serve_load.py --model DIR --clients 16 --seconds 60 --max-batch 8
+
+Each client loops: a chat request (streaming, random max_tokens in [16, 96], temperature 0.8) and reads the
+stream to [DONE]. Reported per mode: completed requests/s, output tokens/s, p50/p99 time to first token, failed
+requests. Writes bench/results/serve_load.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, print_table, save  # noqa: E402
+
+
+def start_server(model, flags):
+    cmd = [sys.executable, "-m", "nemotron3", "serve", "--model", model, "--port", "0", *flags]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc, port
+
+
+def client_loop(port, stop_at, seed, out):
+    rng = random.Random(seed)
+    while time.time() < stop_at:
+        body = {"messages": [{"role": "user", "content": f"{rng.randint(0, 9)}+{rng.randint(0, 9)}=?"}],
+                "max_tokens": rng.randint(16, 96), "temperature": 0.8, "stream": True}
+        t0, ttft, tokens = time.perf_counter(), None, 0
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                out.append(dict(ok=False, status=resp.status))
+                conn.close()
+                continue
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    break
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                if delta.get("content") or delta.get("reasoning_content"):
+                    ttft = ttft or time.perf_counter() - t0
+                    tokens += 1
+            conn.close()
+            out.append(dict(ok=True, ttft=ttft or time.perf_counter() - t0, chunks=tokens,
+                            latency=time.perf_counter() - t0))
+        except (OSError, ValueError) as e:
+            out.append(dict(ok=False, error=str(e)))
+
+
+def run_mode(model, args, continuous: bool) -> dict:
+    flags = ["--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)]
+    if not continuous:
+        flags.append("--no-continuous-batching")
+    proc, port = start_server(model, flags)
+    try:
+        results, threads = [], []
+        t_start = time.time()
+        stop_at = t_start + args.seconds
+        for i in range(args.clients):
+            t = threading.Thread(target=client_loop, args=(port, stop_at, i, results))
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+        elapsed = time.time() - t_start
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+        tokens = int(float(re.search(r"^nemotron3_completion_tokens_total (\S+)$", metrics, re.M).group(1)))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    ok = [r for r in results if r["ok"]]
+    ttft = sorted(r["ttft"] for r in ok)
+    return dict(mode="continuous batching" if continuous else "static batches (baseline)", requests=len(ok),
+                failed=len(results) - len(ok), requests_per_s=len(ok) / elapsed, output_tok_s=tokens / elapsed,
+                ttft_p50=statistics.median(ttft) if ttft else None,
+                ttft_p99=ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint dir (e.g. runs/demo/final after make demo)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=45)
+    p.add_argument("--max-batch", type=int, default=8)
+    args = p.parse_args()
+    rows = [run_mode(args.model, args, True), run_mode(args.model, args, False)]
+    rows[0]["vs_baseline_tok_s"] = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
+    rows[0]["vs_baseline_ttft_p50"] = rows[1]["ttft_p50"] / rows[0]["ttft_p50"]
+    print_table(rows, ["mode", "requests", "failed", "requests_per_s", "output_tok_s", "ttft_p50", "ttft_p99",
+                       "vs_baseline_tok_s", "vs_baseline_ttft_p50"])
+    out = save("serve_load", dict(config=vars(args), rows=rows))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["continuous", "static"]
+    a.bar(names, [r["output_tok_s"] for r in rows], color=["C0", "C1"])
+    a.set(ylabel="output tokens / s", title=f"{args.clients} streaming clients, {args.max_batch} slots")
+    b.bar([f"{n} p50" for n in names] + [f"{n} p99" for n in names],
+          [rows[0]["ttft_p50"], rows[1]["ttft_p50"], rows[0]["ttft_p99"], rows[1]["ttft_p99"]],
+          color=["C0", "C1", "C0", "C1"])
+    b.set(ylabel="time to first token (s)", title="TTFT")
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "serve_load.png"), dpi=120)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
