@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, print_table, save  # noqa: E402
+from common import new_figure, print_table, save, save_figure  # noqa: E402
 
 from nemotron3 import NemotronForCausalLM  # noqa: E402
 from nemotron3.infer import Engine, Request  # noqa: E402
@@ -65,10 +65,7 @@ def main():
         print(rows[-1], flush=True)
     print_table(rows, ["budget", "accuracy", "mean_thinking_tokens", "forced"])
     out = save("budget_curve", dict(config=vars(args), rows=rows))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(1, (7, 4.5))
     pts = [r for r in rows if r["budget"] != "none"]
     ax.plot([r["mean_thinking_tokens"] for r in pts], [r["accuracy"] for r in pts], "o-", label="budget N")
     for r in pts:
@@ -79,8 +76,7 @@ def main():
     ax.set(xlabel="mean thinking tokens used", ylabel="accuracy (held-out additions)",
            title="accuracy vs reasoning budget, demo model")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "budget_curve.png"), dpi=120)
+    save_figure(fig, "budget_curve")
     print(f"wrote {out}")
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, print_table, save  # noqa: E402
+from common import new_figure, print_table, save, save_figure  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -48,18 +48,14 @@ def main():
         c for c in hybrid.hybrid_override_pattern if c != "M")), 1)
     path = save("cache_memory", dict(preset=args.preset, hybrid_pattern=hybrid.hybrid_override_pattern,
                                      attention_pattern=pattern, constant_mamba_state_bytes=mamba_state, rows=rows))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(1, (7, 4.5))
     ax.loglog([r["context"] for r in rows], [r["hybrid_MiB"] for r in rows], "o-", label=f"hybrid ({args.preset})")
     ax.loglog([r["context"] for r in rows], [r["attention_only_MiB"] for r in rows], "s-",
               label="same model, every Mamba layer as attention")
     ax.set(xlabel="context length (tokens)", ylabel="cache per sequence (MiB)",
            title="generation cache vs context length (bf16 KV)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "cache_memory.png"), dpi=120)
+    save_figure(fig, "cache_memory")
     print(f"wrote {path}")
 
 

@@ -57,3 +57,19 @@ def save(name: str, payload: dict) -> str:
     with open(path, "w") as f:
         json.dump(payload | {"machine": machine()}, f, indent=2)
     return path
+
+
+def new_figure(ncols: int = 1, size=(7, 4.5)):
+    """(fig, axes) of a headless matplotlib figure with ncols panels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, ncols, figsize=size)
+
+
+def save_figure(fig, name: str) -> str:
+    """Write bench/results/<name>.png and return its path."""
+    path = os.path.join(RESULTS, f"{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

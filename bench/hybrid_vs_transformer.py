@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, print_table, save  # noqa: E402
+from common import new_figure, print_table, save, save_figure  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -91,10 +91,7 @@ def main():
                 ["context", "hybrid", "transformer", "ratio"])
     path = save("hybrid_vs_transformer", dict(config=vars(args), rows=rows, decode_tok_s_vs_context=curve,
                                               paper="Nano 3 vs Qwen3-30B-A3B, 8k in / 16k out: 3.3x throughput"))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = new_figure(2, (11, 4.2))
     a.bar([r["model"] for r in rows], [r["output_tok_s"] for r in rows], color=["C0", "C1"])
     a.set(ylabel="output tokens / s", title=f"{args.input} in / {args.output} out, batch 1 (CPU)")
     for name, pts in curve.items():
@@ -102,8 +99,7 @@ def main():
     b.set_xscale("log")
     b.set(xlabel="context length", ylabel="decode tokens / s", title="decode speed vs context")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "hybrid_vs_transformer.png"), dpi=120)
+    save_figure(fig, "hybrid_vs_transformer")
     print(f"wrote {path}")
 
 

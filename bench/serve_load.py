@@ -24,7 +24,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, print_table, save  # noqa: E402
+from common import new_figure, print_table, save, save_figure  # noqa: E402
 
 
 def start_server(model, flags):
@@ -111,10 +111,7 @@ def main():
     print_table(rows, ["mode", "requests", "failed", "requests_per_s", "output_tok_s", "ttft_p50", "ttft_p99",
                        "vs_baseline_tok_s", "vs_baseline_ttft_p50"])
     out = save("serve_load", dict(config=vars(args), rows=rows))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = new_figure(2, (10, 4))
     names = ["continuous", "static"]
     a.bar(names, [r["output_tok_s"] for r in rows], color=["C0", "C1"])
     a.set(ylabel="output tokens / s", title=f"{args.clients} streaming clients, {args.max_batch} slots")
@@ -122,8 +119,7 @@ def main():
           [rows[0]["ttft_p50"], rows[1]["ttft_p50"], rows[0]["ttft_p99"], rows[1]["ttft_p99"]],
           color=["C0", "C1", "C0", "C1"])
     b.set(ylabel="time to first token (s)", title="TTFT")
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "serve_load.png"), dpi=120)
+    save_figure(fig, "serve_load")
     print(f"wrote {out}")
 
 

@@ -6,6 +6,7 @@ A request that starts inside a thought (its prompt ends with the template's "<th
       sequence (default ".\\n</think>\\n\\n", tokenized with the model's tokenizer) one token per step, then lets
       the answer continue freely.
 budget 0 closes the thought at once. grace defaults to 10% of the budget (NIM's default), at least 8 tokens.
+A closing tag the model has begun ("</th" with a byte-level tokenizer) is let finish: that is a natural close.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class ReasoningBudget:
         """The token the engine must emit next, or None to let the model choose."""
         if not self.thinking:
             return None
-        if not self.forcing and (self.count >= self.budget + self.grace
+        closing = any(self._text.endswith(self.end_think[:k]) for k in range(1, len(self.end_think)))
+        if not self.forcing and not closing and (self.count >= self.budget + self.grace
                                  or (self.count >= self.budget and (self.budget == 0 or self._text.endswith("\n")))):
             self.forcing, self.forced = list(self.close_ids), True
         return self.forcing[0] if self.forcing else None
