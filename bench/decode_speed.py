@@ -42,7 +42,7 @@ def prompts(n: int, length: int) -> list[list[int]]:
 def time_ours(model, batch, new, K) -> tuple[float, list]:
     engine = Engine(model, None, num_speculative_tokens=K)
     reqs = [Request(p, new) for p in batch]
-    engine.generate(reqs[:1] if len(reqs) > 1 else reqs)                 # warm-up
+    engine.generate(reqs)                                                 # warm-up (and compilation, if any)
     engine.reset_stats()
     t0 = time.perf_counter()
     res = engine.generate(reqs)
@@ -84,6 +84,11 @@ def main():
         rows.append(dict(batch=b, method="transformers generate", tok_s=hf_tps, vs_transformers=1.0))
         rows.append(dict(batch=b, method="ours, plain", tok_s=plain_tps, vs_transformers=plain_tps / hf_tps,
                          vs_plain=1.0, same_tokens_as_hf=plain_out == hf_out))
+        model.compile_decode()                         # plain decoding through the one-graph compiled step
+        tps, _, out = time_ours(model, batch, args.new_tokens, 0)
+        model._compiled_decode = None
+        rows.append(dict(batch=b, method="ours, plain, compile_decode", tok_s=tps, vs_transformers=tps / hf_tps,
+                         vs_plain=tps / plain_tps, same_tokens_as_plain=out == plain_out))
         for K in args.ks:
             tps, acc, out = time_ours(model, batch, args.new_tokens, K)
             rows.append(dict(batch=b, method=f"ours, MTP speculative K={K}", tok_s=tps, vs_transformers=tps / hf_tps,

@@ -38,6 +38,7 @@ def e2m1_rne(x):
     return (np.sign(x) * q).astype(np.float32)
 
 
+@np.errstate(over="ignore", divide="ignore")          # 1/tiny -> inf is clamped to FLT_MAX, as in TE
 def nvfp4_reference(x, tile=(1, 16)):
     """Dequantized NVFP4 of a 2-D float32 array x (dims multiples of 16), plus the block scales, per TE §1.3."""
     x = np.asarray(x, dtype=np.float32)
