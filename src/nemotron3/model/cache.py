@@ -2,7 +2,7 @@
 
 Per attention layer: K and V, (b, num_key_value_heads, max_len, head_dim) in the model dtype, written at
 positions [pos, pos+L). Per Mamba layer: the conv window, the last K-1 raw (pre-conv) x/B/C inputs
-(b, conv_dim, K-1), and the SSM state (b, H, P, N) in float32. MoE and MLP layers hold nothing. The Mamba part is
+(b, K-1, conv_dim), and the SSM state (b, H, P, N) in float32. MoE and MLP layers hold nothing. The Mamba part is
 constant in sequence length; only attention grows, and only up to max_len, so memory is bounded up front.
 
 `valid` (b, max_len) records which prompt positions were padding so that every later token keeps ignoring them;

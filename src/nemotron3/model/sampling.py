@@ -1,6 +1,6 @@
 """Next-token choice for the minimal `generate`: greedy, or sampling with temperature, top-k and top-p.
 
-The full sampler (min-p, repetition penalty, logprobs, per-request seeds) comes with the inference engine.
+The full per-request sampler (min-p, repetition penalty, logprobs, seeds) is nemotron3/infer/sampling.py.
 """
 
 from __future__ import annotations
