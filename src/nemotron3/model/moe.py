@@ -91,7 +91,8 @@ def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
         x = x_TL[0]
         return sum(w * F.linear(relu2(F.linear(x, up_EML[e])), down_ELM[e])
                    for e, w in zip(ids_TK[0].tolist(), weights_TK[0].tolist()))[None]
-    if inference and not eager_cpu and T * K <= up_EML.shape[0]:
+    # few tokens (decode, verification): gather the chosen experts' weights, no host sync (compile stays one graph)
+    if inference and not eager_cpu and T * K <= max(up_EML.shape[0], 64):
         flat_ids = ids_TK.reshape(-1)                                          # (T*K,)
         h = torch.bmm(up_EML[flat_ids], x_TL.repeat_interleave(K, dim=0)[:, :, None])      # (TK, m, 1)
         y = torch.bmm(down_ELM[flat_ids], relu2(h)).squeeze(-1)                             # (TK, L)
