@@ -86,7 +86,7 @@ def main():
                          vs_plain=1.0, same_tokens_as_hf=plain_out == hf_out))
         model.compile_decode()                         # plain decoding through the one-graph compiled step
         tps, _, out = time_ours(model, batch, args.new_tokens, 0)
-        model._compiled_decode = None
+        model.compile_decode(False)
         rows.append(dict(batch=b, method="ours, plain, compile_decode", tok_s=tps, vs_transformers=tps / hf_tps,
                          vs_plain=tps / plain_tps, same_tokens_as_plain=out == plain_out))
         for K in args.ks:

@@ -174,3 +174,13 @@ def test_bad_sampling_values(kw, match):
         SamplingParams(**kw)
     with pytest.raises(ValueError, match="MTP heads"):
         Engine(random_model(num_nextn_predict_layers=0), TOK, num_speculative_tokens=2)
+
+
+def test_engine_with_the_compiled_decode_step(trained):
+    reqs = [Request(TOK.encode(p), max_tokens=20) for p in PROMPTS]              # left-padded batch
+    eager = [r.token_ids for r in Engine(trained, TOK).generate(reqs)]
+    trained.compile_decode()
+    try:
+        assert [r.token_ids for r in Engine(trained, TOK).generate(reqs)] == eager
+    finally:
+        trained.compile_decode(False)

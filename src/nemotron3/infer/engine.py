@@ -188,6 +188,8 @@ class Engine:
             ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
             mask[i, L - len(r.prompt_ids):] = 1
         max_len = L + max(r.max_tokens for r in requests) + self.K + 2
+        if model.decode_is_compiled:               # power-of-two cache lengths: the compiled step is reused
+            max_len = max(256, 1 << (max_len - 1).bit_length())
         dtype = model.lm_head.weight.dtype
         cache = HybridCache(cfg, B, max_len, device=device, dtype=dtype)
         spec = self.K > 0

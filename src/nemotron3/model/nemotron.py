@@ -267,13 +267,19 @@ class NemotronForCausalLM(nn.Module):
         h = self.backbone.norm_f(h)
         return self.lm_head(h).float(), h
 
-    def compile_decode(self) -> "NemotronForCausalLM":
+    def compile_decode(self, enable: bool = True) -> "NemotronForCausalLM":
         """torch.compile decode_step (one graph per batch size, cache size and padding; a few seconds): fuses the
         step's hundreds of small ops. forward() then uses it for every one-token step with a cache. Measured in
-        bench/model_speed.py. Idempotent; returns self."""
-        if self._compiled_decode is None:
+        bench/model_speed.py. Idempotent; enable=False goes back to eager. Returns self."""
+        if not enable:
+            self._compiled_decode = None
+        elif self._compiled_decode is None:
             self._compiled_decode = torch.compile(self.decode_step, dynamic=False)
         return self
+
+    @property
+    def decode_is_compiled(self) -> bool:
+        return self._compiled_decode is not None
 
     # ---- generation (minimal; the engine with speculative decoding lives in infer/) ----
     def new_cache(self, batch_size: int, max_len: int, include_mtp: bool = False) -> HybridCache:
