@@ -76,3 +76,22 @@ def test_demo_trains_evaluates_and_reports(tmp_path, capsys):
     (tmp_path / "other" / "precious.txt").write_text("x")
     assert main(["demo", "--out", str(tmp_path / "other"), "--max-steps", "2"]) == 2     # never deletes a non-run
     assert (tmp_path / "other" / "precious.txt").exists()
+
+
+def test_generate_and_chat_on_a_transformers_saved_directory(tmp_path, capsys, monkeypatch):
+    """A NemotronH directory written by transformers itself, with a tokenizer.json and a chat template beside it."""
+    import transformers
+
+    from tests.test_tokenizer import write_test_tokenizer
+    torch.manual_seed(0)
+    NemotronForCausalLM(from_preset("tiny", vocab_size=300, num_nextn_predict_layers=0)).save_pretrained(
+        tmp_path / "ours")
+    transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "hf")
+    write_test_tokenizer(tmp_path / "hf")
+    tmp_path = tmp_path / "hf"
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "The red fox", "--max-new-tokens", "6"]) == 0
+    capsys.readouterr()
+    lines = iter(["12+30?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(tmp_path), "--max-new-tokens", "30", "--reasoning-budget", "2"]) == 0
+    assert "</think>" in capsys.readouterr().out

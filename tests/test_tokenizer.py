@@ -16,7 +16,12 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
 
 @pytest.fixture
 def hf_dir(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    return write_test_tokenizer(tmp_path)
+
+
+def write_test_tokenizer(tmp_path):
+    """A small byte-level BPE tokenizer.json with a ChatML + thinking template, written into tmp_path."""
+    import tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
