@@ -314,6 +314,7 @@ def demo_main(argv):
         print(f"  {(prompt + text).strip()!r}   (true answer {answer})")
     print(f"model: {final}   plots: {os.path.join(args.out, 'training.png')}   metrics: "
           f"{os.path.join(args.out, 'metrics.jsonl')}")
+    print(f"next: nemotron3 chat --model {final}   or   nemotron3 serve --model {final}")
 
 
 def main(argv=None):
