@@ -117,8 +117,6 @@ def _generate_args(prog):
 
 
 def generate_main(argv):
-    import torch
-
     from .tokenizer import load_tokenizer
     args = _generate_args("nemotron3 generate").parse_args(argv)
     _check_sampling_flags(args)

@@ -4,7 +4,6 @@ libraries compute the same fp32 scale factors; the known 1-ulp and clamp differe
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 

@@ -203,6 +203,7 @@ class Engine:
         last = self._choose(rows, logits)
         for i, row in enumerate(rows):
             yield from self._emit(i, row, int(last[i]), logits[i])
+        draft_h = None
         if spec:
             next_ids = torch.cat([ids[:, 1:], last[:, None]], 1)
             for c, s in enumerate(range(0, L, self.chunk)):
@@ -210,42 +211,49 @@ class Engine:
                 draft_h = self._mtp_catch_up(hs[c], next_ids[:, s:s + self.chunk], None if bool(m.all()) else m,
                                              mtp_cache)
         while not all(r.done for r in rows):
-            if not spec:
-                logits = model(last[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
-                last = self._choose(rows, logits)
-                for i, row in enumerate(rows):
-                    if not row.done:
-                        yield from self._emit(i, row, int(last[i]), logits[i])
-                continue
-            # 1. draft K tokens
-            drafts, q = self._draft(rows, draft_h, last, mtp_cache)
-            # 2. verify [t0, d1..dK] in one forward, recording Mamba states per token
-            start = cache.start_history()
-            out = model(torch.cat([last[:, None], drafts], 1), cache=cache)
-            vlogits = out.logits                                             # (B, K+1, V)
-            # 3. accept (per row), then the batch keeps the smallest count of live rows
-            chosen, n = self._accept(rows, drafts, q, vlogits)
-            # 4. roll back to t0, d1..dn
-            cache.rollback(start, n + 1)
-            new_last = torch.empty_like(last)
-            for i, row in enumerate(rows):
-                toks = chosen[i][:n + 1]
-                new_last[i] = toks[-1]
-                for j, t in enumerate(toks):
-                    if not row.done:
-                        yield from self._emit(i, row, t, vlogits[i, j])
-            self.stats["rounds"] += 1
-            # 5. MTP cache: teacher-forced entries for the kept positions; the last one drafts the next round
-            next_ids = torch.cat([drafts[:, :n], new_last[:, None]], 1)
-            mtp_cache.pos = start
-            draft_h = self._mtp_catch_up(out.hidden_states[:, :n + 1], next_ids, None, mtp_cache)
-            last = new_last
+            events, last, draft_h = self._step(rows, last, draft_h, cache, mtp_cache)
+            yield from events
         self.last_results = [r.result() for r in rows]
 
-    def _emit(self, i, row, token, logits):
+    def _step(self, rows, last, draft_h, cache, mtp_cache):
+        """One decode round for every row: a plain step, or (with MTP) draft, verify, accept, roll back, catch up.
+        Returns (events, the next t0 per row, the next round's MTP hidden state)."""
+        model, events = self.model, []
+        if not self.K:
+            logits = model(last[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+            last = self._choose(rows, logits)
+            for i, row in enumerate(rows):
+                if not row.done:
+                    events += self._emit(i, row, int(last[i]), logits[i])
+            return events, last, None
+        # 1. draft K tokens
+        drafts, q = self._draft(rows, draft_h, last, mtp_cache)
+        # 2. verify [t0, d1..dK] in one forward, recording Mamba states per token
+        start = cache.start_history()
+        out = model(torch.cat([last[:, None], drafts], 1), cache=cache)
+        vlogits = out.logits                                             # (B, K+1, V)
+        # 3. accept (per row), then the batch keeps the smallest count of live rows
+        chosen, n = self._accept(rows, drafts, q, vlogits)
+        # 4. roll back to t0, d1..dn
+        cache.rollback(start, n + 1)
+        new_last = torch.empty_like(last)
+        for i, row in enumerate(rows):
+            toks = chosen[i][:n + 1]
+            new_last[i] = toks[-1]
+            for j, t in enumerate(toks):
+                if not row.done:
+                    events += self._emit(i, row, t, vlogits[i, j])
+        self.stats["rounds"] += 1
+        # 5. MTP cache: teacher-forced entries for the kept positions; the last one drafts the next round
+        next_ids = torch.cat([drafts[:, :n], new_last[:, None]], 1)
+        mtp_cache.pos = start
+        draft_h = self._mtp_catch_up(out.hidden_states[:, :n + 1], next_ids, None, mtp_cache)
+        return events, new_last, draft_h
+
+    def _emit(self, i, row, token, logits) -> list[Event]:
         piece = row.emit(token, logits)
         self.stats["tokens"] += 1
-        yield Event(i, token, piece)
+        return [Event(i, token, piece)]
 
     def _check(self, requests):
         if not requests:

@@ -95,8 +95,7 @@ class Batcher(Engine):
             self._place(tmp_mtp, slot, p, L, into=self.mtp_cache)
         self.rows[slot], self.keys[slot] = row, key
         self.last[slot] = first[0]
-        events = list(self._emit(slot, row, int(first[0]), out.logits[0, -1]))
-        return slot, events
+        return slot, self._emit(slot, row, int(first[0]), out.logits[0, -1])
 
     def _place(self, src: HybridCache, slot: int, p: int, L: int, into: HybridCache | None = None):
         dst = into or self.cache
@@ -134,28 +133,7 @@ class Batcher(Engine):
         (index = slot). Finished rows stay in their slot until release()."""
         if self.cache.pos + self.K + 2 > self.buf:
             self.compact()
-        model, rows, events = self.model, self.rows, []
-        if not self.K:
-            logits = model(self.last[:, None], cache=self.cache, logits_to_keep=1).logits[:, -1]
-            nxt = self._choose(rows, logits)
-            for i, row in enumerate(rows):
-                if not row.done:
-                    events += list(self._emit(i, row, int(nxt[i]), logits[i]))
-            self.last = nxt
-            return events
-        drafts, q = self._draft(rows, self.draft_h, self.last, self.mtp_cache)
-        start = self.cache.start_history()
-        out = model(torch.cat([self.last[:, None], drafts], 1), cache=self.cache)
-        chosen, n = self._accept(rows, drafts, q, out.logits)
-        self.cache.rollback(start, n + 1)
-        new_last = torch.tensor([c[n] if len(c) > n else c[-1] for c in chosen], device=self.device)
-        for i, row in enumerate(rows):
-            for j, t in enumerate(chosen[i][:n + 1]):
-                if not row.done:
-                    events += list(self._emit(i, row, t, out.logits[i, j]))
-        self.stats["rounds"] += 1
-        next_ids = torch.cat([drafts[:, :n], new_last[:, None]], 1)
-        self.mtp_cache.pos = start
-        self.draft_h = self._mtp_catch_up(out.hidden_states[:, :n + 1], next_ids, None, self.mtp_cache)
-        self.last = new_last
+        events, self.last, draft_h = self._step(self.rows, self.last, self.draft_h, self.cache, self.mtp_cache)
+        if draft_h is not None:
+            self.draft_h = draft_h
         return events

@@ -21,14 +21,12 @@ import uuid
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ..infer.engine import Request
-from ..infer.sampling import SamplingParams
 from .batcher import Batcher
 from .protocol import RequestError, parse_chat, parse_completion
 
 
 class Job:
-    def __init__(self, request: Request):
+    def __init__(self, request):
         self.request, self.events = request, queue.Queue()
         self.cancelled, self.t_submit, self.t_first = False, time.perf_counter(), None
 
@@ -364,5 +362,3 @@ def make_server(model, tokenizer, host="127.0.0.1", port=8000, api_key=None, max
                         metrics=metrics, created=int(time.time()), t_start=time.perf_counter())
     return server
 
-
-__all__ = ["make_server", "Request", "SamplingParams"]
