@@ -184,3 +184,12 @@ def test_engine_with_the_compiled_decode_step(trained):
         assert [r.token_ids for r in Engine(trained, TOK).generate(reqs)] == eager
     finally:
         trained.compile_decode(False)
+
+
+def test_incremental_detokenization_keeps_multibyte_text():
+    from nemotron3.infer.engine import _Row
+    text = "héllo wörld → ok 日本 \n<think>x</think>"
+    row = _Row(Request([1], 200), TOK, "cpu")
+    pieces = [row.emit(t, None) for t in TOK.encode(text)]
+    assert row.text == text and "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)            # a half-made character is never shown

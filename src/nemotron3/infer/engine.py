@@ -85,6 +85,7 @@ class _Row:
         # greedy without a repetition penalty needs no distribution: the batch's argmax is the choice
         self.plain_greedy = req.sampling.greedy and req.sampling.repetition_penalty == 1.0
         self.done, self.finish, self.text, self.shown = False, "length", "", 0
+        self._prefix, self._read = 0, 0          # incremental detokenization offsets (vLLM's scheme)
         self.logprobs = [] if req.logprobs is not None else None
         self.generator = torch.Generator(device=device).manual_seed(req.sampling.seed) \
             if req.sampling.seed is not None else None
@@ -109,7 +110,7 @@ class _Row:
             self.tokens.pop()
             self.done, self.finish = True, "stop"
         else:
-            self.text = self.tok.decode(self.tokens)
+            self.text += self._new_text()
             for s in self.req.stop:
                 if s in self.text:
                     self.text = self.text[:self.text.index(s)]
@@ -120,6 +121,16 @@ class _Row:
         visible = self.text[:max(self.shown, len(self.text) - hold)]
         piece, self.shown = visible[self.shown:], len(visible)
         return piece
+
+    def _new_text(self) -> str:
+        """Text added by the tokens since the last complete character: decodes a short window, not the whole
+        output, so a long generation costs O(n) and not O(n^2); an incomplete UTF-8 sequence waits."""
+        new = self.tok.decode(self.tokens[self._prefix:])
+        if new.endswith("\ufffd"):
+            return ""
+        old = self.tok.decode(self.tokens[self._prefix:self._read])
+        self._prefix, self._read = self._read, len(self.tokens)
+        return new[len(old):]
 
     def seen_tensor(self, extra=()) -> torch.Tensor | None:
         if self.req.sampling.repetition_penalty == 1.0:
