@@ -193,3 +193,10 @@ def test_incremental_detokenization_keeps_multibyte_text():
     pieces = [row.emit(t, None) for t in TOK.encode(text)]
     assert row.text == text and "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)            # a half-made character is never shown
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_chunked_prefill_changes_nothing(trained, K):
+    reqs = [Request(TOK.encode("The quick brown fox jumps over the lazy dog. " * 2), 16), Request(TOK.encode("a"), 16)]
+    whole = [r.token_ids for r in Engine(trained, TOK, K, prefill_chunk=512).generate(reqs)]
+    assert [r.token_ids for r in Engine(trained, TOK, K, prefill_chunk=16).generate(reqs)] == whole

@@ -14,7 +14,7 @@ PROMPTS = ["Q: 3+4=?\n<think>", "The cat", "Q: 8+9=?\n<think>", "hello there, th
 @pytest.mark.parametrize("K", [0, 3])
 def test_joining_and_leaving_changes_no_output(trained, K):
     ref = [Engine(trained, TOK).generate([Request(TOK.encode(p), 30)])[0].token_ids for p in PROMPTS]
-    b = Batcher(trained, TOK, max_batch=3, num_speculative_tokens=K, max_len=80)
+    b = Batcher(trained, TOK, max_batch=3, num_speculative_tokens=K, max_len=80, prefill_chunk=16)   # chunked too
     out, pending = {}, [3, 2]
     b.add(Request(TOK.encode(PROMPTS[0]), 30), 0)
     for _ in range(4):

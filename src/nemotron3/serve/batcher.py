@@ -31,8 +31,8 @@ class _Empty:
 
 class Batcher(Engine):
     def __init__(self, model, tokenizer, max_batch: int = 8, num_speculative_tokens: int = 0,
-                 max_len: int | None = None):
-        super().__init__(model, tokenizer, num_speculative_tokens)
+                 max_len: int | None = None, prefill_chunk: int = 512):
+        super().__init__(model, tokenizer, num_speculative_tokens, prefill_chunk)
         cfg = model.config
         self.context = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.buf = 2 * self.context + num_speculative_tokens + 2          # room to keep writing before a compaction
@@ -77,7 +77,10 @@ class Batcher(Engine):
         ids = torch.tensor([request.prompt_ids], device=self.device)
         L = ids.shape[1]
         tmp = HybridCache(cfg, 1, L + 1, self.device, self.dtype)
-        out = model(ids, cache=tmp, logits_to_keep=1)
+        hs = []
+        for s in range(0, L, self.chunk):                   # chunked prefill, as in Engine
+            out = model(ids[:, s:s + self.chunk], cache=tmp, logits_to_keep=1)
+            hs.append(out.hidden_states)
         row = _Row(request, self.tok, self.device)
         first = self._choose([row], out.logits[:, -1])
         if self.cache.pos + self.K + 2 + L > self.buf:
@@ -91,7 +94,9 @@ class Batcher(Engine):
         if self.K:
             tmp_mtp = HybridCache(cfg, 1, L + 1, self.device, self.dtype, include_mtp=True, include_main=False)
             next_ids = torch.cat([ids[:, 1:], first[:, None]], 1)
-            self.draft_h[slot] = self._mtp_catch_up(out.hidden_states, next_ids, None, tmp_mtp)[0]
+            for c, s in enumerate(range(0, L, self.chunk)):
+                h = self._mtp_catch_up(hs[c], next_ids[:, s:s + self.chunk], None, tmp_mtp)
+            self.draft_h[slot] = h[0]
             self._place(tmp_mtp, slot, p, L, into=self.mtp_cache)
         self.rows[slot], self.keys[slot] = row, key
         self.last[slot] = first[0]
