@@ -190,7 +190,7 @@ class Engine:
     def stream(self, requests: list[Request]):
         model, cfg = self.model, self.model.config
         device = model.lm_head.weight.device
-        self._check(requests)
+        self.check(requests)
         rows = [_Row(r, self.tok, device) for r in requests]
         B, L = len(rows), max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros(B, L, dtype=torch.long, device=device)
@@ -266,7 +266,9 @@ class Engine:
         self.stats["tokens"] += 1
         return [Event(i, token, piece)]
 
-    def _check(self, requests):
+    def check(self, requests):
+        """Raise ValueError naming the problem for a request the engine cannot run (empty prompt, ids outside
+        the vocabulary, prompt + max_tokens over the context)."""
         if not requests:
             raise ValueError("no requests.")
         limit = self.model.config.max_position_embeddings

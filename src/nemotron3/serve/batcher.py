@@ -68,7 +68,7 @@ class Batcher(Engine):
     @torch.inference_mode()
     def add(self, request: Request, key=None) -> tuple[int, list]:
         """Prefill `request` alone and place it in a free slot; returns (slot, events of its first token)."""
-        self._check([request])
+        self.check([request])
         if len(request.prompt_ids) + request.max_tokens > self.context:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
                              f"the server's context of {self.context} tokens; shorten the prompt or lower max_tokens.")

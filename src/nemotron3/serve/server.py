@@ -171,7 +171,7 @@ class Handler(BaseHTTPRequestHandler):
             parsed = (parse_chat if chat else parse_completion)(body, st["tokenizer"], st["batcher"].context)
             jobs = [Job(r) for r in parsed["requests"]]
             for j in jobs:
-                st["batcher"]._check([j.request])
+                st["batcher"].check([j.request])
         except RequestError as e:
             st["metrics"]["errors"] += 1
             return self._send(*_error(400, str(e), e.param))
@@ -192,14 +192,12 @@ class Handler(BaseHTTPRequestHandler):
                 j.cancelled = True
 
     def _wait(self, job):
-        tokens = []
+        """The job's Result once it is done (its token events are not needed here)."""
         while True:
             kind, val = job.events.get()
-            if kind == "token":
-                tokens.append(val)
-            elif kind == "done":
-                return val, tokens
-            else:
+            if kind == "done":
+                return val
+            if kind == "error":
                 raise RuntimeError(val)
 
     def _complete(self, jobs, parsed, chat):
@@ -208,7 +206,7 @@ class Handler(BaseHTTPRequestHandler):
             results = [self._wait(j) for j in jobs]
         except RuntimeError as e:
             return self._send(*_error(500, str(e), etype="server_error"))
-        for i, (res, _) in enumerate(results):
+        for i, res in enumerate(results):
             usage["prompt_tokens"] = res.prompt_tokens
             usage["completion_tokens"] += len(res.token_ids)
             lp = _logprobs(res, st["tokenizer"], chat) if parsed["logprobs"] is not None else None
