@@ -1,12 +1,16 @@
 """Decode speed of the inference engine, same run: ours vs transformers' `generate` on the same NemotronH weights,
-MTP self-speculative vs plain decoding, batch 1 and batch 8, with the draft acceptance per position.
+plain (eager, compiled) vs MTP self-speculative decoding (compiled, K = 1..3), batch 1 and batch 8, with the draft
+acceptance per position, for two models.
 
-    python bench/decode_speed.py                       # trains the demo model first (~2 min), then ~4 min
-    python bench/decode_speed.py --model runs/demo/final --new-tokens 128
+    python bench/decode_speed.py                       # trains both models first (~4 min), then ~6 min
+    python bench/decode_speed.py --models demo=runs/demo/final --new-tokens 128
 
-The model is the demo's tiny hybrid (M*ME-M*E, LatentMoE, one MTP block) trained on the built-in corpus, so its
-MTP head drafts real text; prompts are held-out built-in documents. Every configuration generates the same number
-of tokens (no eos stop). fp32, the machine's threads. Writes bench/results/decode_speed.json and .png.
+The models: the demo's tiny hybrid (M*ME-M*E, LatentMoE, one "*E" MTP block) and the `small` preset (11M, d=256)
+with one "*E" MTP block, both trained briefly on the built-in corpus with the MTP loss, so their MTP heads draft
+real text; prompts are held-out built-in documents. Every configuration generates the same number of tokens (no eos
+stop) and must produce the plain decoding's tokens (greedy). fp32, 2 threads. The "auto" row is the engine's
+default speculation-by-batch-size rule (nemotron3.infer.engine.SPECULATION_BY_BATCH). Writes
+bench/results/decode_speed.json and .png.
 """
 
 from __future__ import annotations
@@ -24,14 +28,19 @@ import torch  # noqa: E402
 
 from nemotron3 import NemotronForCausalLM  # noqa: E402
 from nemotron3.infer import Engine, Request  # noqa: E402
+from nemotron3.infer.engine import SPECULATION_BY_BATCH  # noqa: E402
 from nemotron3.tokenizer import ByteTokenizer  # noqa: E402
 from nemotron3.train.data import builtin_tokens  # noqa: E402
 
 
-def demo_model(workdir: str, steps: int) -> str:
+def trained_model(workdir: str, preset: str, steps: int) -> str:
+    from nemotron3 import from_preset
     from nemotron3.train.pretrain import TrainConfig, train
-    return train(TrainConfig(out=os.path.join(workdir, "demo"), max_steps=steps, save_every=steps, eval_every=steps,
-                             seq_len=256, batch_size=8), log=lambda *_: None)
+    overrides = {} if preset == "tiny" else dict(num_nextn_predict_layers=1, mtp_layers_block_type="*E")
+    return train(TrainConfig(preset=preset, out=os.path.join(workdir, preset), max_steps=steps, save_every=steps,
+                             eval_every=steps, seq_len=256, batch_size=8, lr=3e-3 if preset == "tiny" else 1e-3,
+                             train_tokens=steps * 8 * 256 + 10_000),
+                 log=lambda *_: None, model_config=from_preset(preset, **overrides))
 
 
 def prompts(n: int, length: int) -> list[list[int]]:
@@ -40,15 +49,17 @@ def prompts(n: int, length: int) -> list[list[int]]:
 
 
 def time_ours(model, batch, new, K) -> tuple[float, list]:
-    engine = Engine(model, None, num_speculative_tokens=K)
+    engine = Engine(model, None, num_speculative_tokens=K, max_batch=len(batch))
     reqs = [Request(p, new) for p in batch]
     engine.generate(reqs)                                                 # warm-up (and compilation, if any)
-    engine.reset_stats()
-    t0 = time.perf_counter()
-    res = engine.generate(reqs)
-    dt = time.perf_counter() - t0
+    best = 0.0
+    for _ in range(2):
+        engine.reset_stats()
+        t0 = time.perf_counter()
+        res = engine.generate(reqs)
+        best = max(best, len(batch) * new / (time.perf_counter() - t0))
     assert all(len(r.token_ids) == new for r in res)
-    return len(batch) * new / dt, engine.acceptance(), [r.token_ids for r in res]
+    return best, engine.acceptance(), [r.token_ids for r in res]
 
 
 def time_hf(hf, batch, new) -> tuple[float, list]:
@@ -61,9 +72,44 @@ def time_hf(hf, batch, new) -> tuple[float, list]:
     return len(batch) * new / dt, out[:, ids.shape[1]:].tolist()
 
 
+def bench_model(name, path, args) -> list[dict]:
+    model = NemotronForCausalLM.from_pretrained(path).eval()
+    from transformers import NemotronHForCausalLM
+    hf = NemotronHForCausalLM.from_pretrained(path).eval()
+    rows = []
+    for b in args.batches:
+        batch = prompts(b, args.prompt_len)
+        hf_tps, hf_out = time_hf(hf, batch, args.new_tokens)
+        model.compile_decode(False)
+        plain_tps, _, plain_out = time_ours(model, batch, args.new_tokens, 0)
+        base = dict(model=name, batch=b)
+        rows.append(base | dict(method="transformers generate", tok_s=hf_tps, vs_transformers=1.0))
+        rows.append(base | dict(method="ours, plain, eager", tok_s=plain_tps, vs_transformers=plain_tps / hf_tps,
+                                same_tokens=plain_out == hf_out))
+        model.compile_decode()                         # every step below runs through the compiled graphs
+        comp_tps, _, out = time_ours(model, batch, args.new_tokens, 0)
+        rows.append(base | dict(method="ours, plain, compiled", tok_s=comp_tps, vs_transformers=comp_tps / hf_tps,
+                                vs_plain_compiled=1.0, same_tokens=out == plain_out))
+        for K in args.ks:
+            tps, acc, out = time_ours(model, batch, args.new_tokens, K)
+            rows.append(base | dict(method=f"ours, speculative K={K}, compiled", tok_s=tps,
+                                    vs_transformers=tps / hf_tps, vs_plain_compiled=tps / comp_tps,
+                                    acceptance=[round(a, 3) for a in acc], same_tokens=out == plain_out))
+        tps, acc, out = time_ours(model, batch, args.new_tokens, SPECULATION_BY_BATCH)
+        rows.append(base | dict(method=f"ours, auto (K={Engine(model, None, SPECULATION_BY_BATCH).K_for(b)}), "
+                                       f"compiled", tok_s=tps, vs_transformers=tps / hf_tps,
+                                vs_plain_compiled=tps / comp_tps, acceptance=[round(a, 3) for a in acc],
+                                same_tokens=out == plain_out))
+        for r in rows[-len(args.ks) - 4:]:
+            print(r, flush=True)
+    model.compile_decode(False)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="a checkpoint with MTP heads (default: train the demo model)")
+    p.add_argument("--models", nargs="*", default=[], help="NAME=DIR checkpoints with MTP heads (default: train "
+                                                           "the demo model and small+MTP here)")
     p.add_argument("--train-steps", type=int, default=900)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -71,53 +117,37 @@ def main():
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3])
     args = p.parse_args()
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as workdir:
-        path = args.model or demo_model(workdir, args.train_steps)
-        model = NemotronForCausalLM.from_pretrained(path).eval()
-        from transformers import NemotronHForCausalLM
-        hf = NemotronHForCausalLM.from_pretrained(path).eval()
+    torch.set_num_threads(2)
     rows = []
-    for b in args.batches:
-        batch = prompts(b, args.prompt_len)
-        hf_tps, hf_out = time_hf(hf, batch, args.new_tokens)
-        plain_tps, _, plain_out = time_ours(model, batch, args.new_tokens, 0)
-        rows.append(dict(batch=b, method="transformers generate", tok_s=hf_tps, vs_transformers=1.0))
-        rows.append(dict(batch=b, method="ours, plain", tok_s=plain_tps, vs_transformers=plain_tps / hf_tps,
-                         vs_plain=1.0, same_tokens_as_hf=plain_out == hf_out))
-        model.compile_decode()                         # plain decoding through the one-graph compiled step
-        tps, _, out = time_ours(model, batch, args.new_tokens, 0)
-        model.compile_decode(False)
-        rows.append(dict(batch=b, method="ours, plain, compile_decode", tok_s=tps, vs_transformers=tps / hf_tps,
-                         vs_plain=tps / plain_tps, same_tokens_as_plain=out == plain_out))
-        for K in args.ks:
-            tps, acc, out = time_ours(model, batch, args.new_tokens, K)
-            rows.append(dict(batch=b, method=f"ours, MTP speculative K={K}", tok_s=tps, vs_transformers=tps / hf_tps,
-                             vs_plain=tps / plain_tps, acceptance=[round(a, 3) for a in acc],
-                             same_tokens_as_plain=out == plain_out))
-            print(rows[-1], flush=True)
-    print_table(rows, ["batch", "method", "tok_s", "vs_transformers", "vs_plain", "acceptance", "same_tokens_as_plain",
-                       "same_tokens_as_hf"])
+    with tempfile.TemporaryDirectory() as workdir:
+        models = dict(m.split("=", 1) for m in args.models) or {
+            "demo (tiny)": trained_model(workdir, "tiny", args.train_steps),
+            "small + MTP": trained_model(workdir, "small", args.train_steps // 2)}
+        for name, path in models.items():
+            rows += bench_model(name, path, args)
+    print_table(rows, ["model", "batch", "method", "tok_s", "vs_transformers", "vs_plain_compiled", "acceptance",
+                       "same_tokens"])
     out = save("decode_speed", dict(config=vars(args), rows=rows))
-    _plot(rows, os.path.join(RESULTS, "decode_speed.png"))
+    _plot(rows, "decode_speed")
     print(f"wrote {out}")
 
 
 def _plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    batches = sorted({r["batch"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    w = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        vals = [next((r["tok_s"] for r in rows if r["batch"] == b and r["method"] == m), 0) for b in batches]
-        ax.bar([i + j * w for i in range(len(batches))], vals, w, label=m)
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
-    ax.set(ylabel="generated tokens / s", title="decode speed, demo model (tiny hybrid + MTP), same run")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from common import new_figure, save_figure
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = new_figure(len(models), size=(7 * len(models), 4.5))
+    for ax, model in zip(axes if len(models) > 1 else [axes], models):
+        mine = [r for r in rows if r["model"] == model]
+        batches = sorted({r["batch"] for r in mine})
+        methods = list(dict.fromkeys(r["method"] for r in mine))
+        w = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            vals = [next((r["tok_s"] for r in mine if r["batch"] == b and r["method"] == m), 0) for b in batches]
+            ax.bar([i + j * w for i in range(len(batches))], vals, w, label=m.split(" (K=")[0] if "auto" in m else m)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set(ylabel="generated tokens / s", title=f"decode speed, {model}, 2 threads, same run")
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,6 @@ def _generate_args(prog):
 def generate_main(argv):
     from .tokenizer import load_tokenizer
     args = _generate_args("nemotron3 generate").parse_args(argv)
-    _check_sampling_flags(args)
     model = _load_model(args)
     if args.prompt_ids is not None:
         try:
@@ -142,23 +141,8 @@ def generate_main(argv):
     dt = time.perf_counter() - t0
     print(res.text if tok else ",".join(map(str, res.token_ids)))
     n = len(res.token_ids)
-    spec = f", draft acceptance {engine.acceptance()}" if engine.K else ""
+    spec = f", draft acceptance {[round(a, 2) for a in engine.acceptance()]}" if engine.K_max else ""
     print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s{spec}]", file=sys.stderr)
-
-
-def _check_sampling_flags(args):
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
-    if args.temperature < 0:
-        raise UserError(f"--temperature {args.temperature} must be >= 0 (0 = greedy).")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p} must lie in (0, 1].")
-    if not 0 <= args.min_p < 1:
-        raise UserError(f"--min-p {args.min_p} must lie in [0, 1).")
-    if args.repetition_penalty <= 0:
-        raise UserError(f"--repetition-penalty {args.repetition_penalty} must be > 0 (1 = off).")
-    if args.reasoning_budget is not None and args.reasoning_budget < 0:
-        raise UserError(f"--reasoning-budget {args.reasoning_budget} must be >= 0.")
 
 
 def _engine(model, tok, args):
@@ -168,6 +152,8 @@ def _engine(model, tok, args):
         K = 3 if model.mtp is not None else 0
     if K < 0:
         raise UserError(f"--num-speculative-tokens {K} must be >= 0.")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
     if args.compile:
         model.compile_decode()
     return Engine(model, tok, num_speculative_tokens=K)
@@ -188,7 +174,6 @@ def chat_main(argv):
     p.add_argument("--no-think", action="store_true", help="reasoning off (enable_thinking=False)")
     p.add_argument("--system", default=None, help="system message")
     args = p.parse_args(argv)
-    _check_sampling_flags(args)
     model = _load_model(args)
     tok = load_tokenizer(args.model, model.config.vocab_size)
     engine = _engine(model, tok, args)
@@ -315,6 +300,14 @@ def demo_main(argv):
     print(f"next: nemotron3 chat --model {final}   or   nemotron3 serve --model {final}")
 
 
+def _lazy(module: str):
+    """A command's main(argv), imported only when that command runs (`generate` does not pay for the trainer)."""
+    def run(argv):
+        import importlib
+        return importlib.import_module(f"{__package__}.{module}").main(argv)
+    return run
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -323,17 +316,13 @@ def main(argv=None):
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from .train.data import DataError
-    from .train.plot import main as plot_main
-    from .train.pretrain import main as train_main
     handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "serve": serve_main,
-               "demo": demo_main, "train": train_main,
-               "plot": plot_main}[argv[0]]
+               "demo": demo_main, "train": _lazy("train.pretrain"), "plot": _lazy("train.plot")}[argv[0]]
     from .checkpoint import CheckpointError
     try:
         handler(argv[1:])
-    except (UserError, ValueError, FileNotFoundError, CheckpointError, ImportError, DataError,
-            FloatingPointError) as e:
+    except (UserError, ValueError, FileNotFoundError, CheckpointError, ImportError,
+            FloatingPointError) as e:                    # DataError and RequestError are ValueErrors
         print(f"nemotron3 {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     return 0

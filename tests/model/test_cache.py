@@ -20,7 +20,7 @@ def test_decode_token_by_token_matches_full_forward(model):
         full = model(ids).logits
         cache = model.new_cache(2, 23)
         steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(23)], dim=1)
-    assert cache.pos == 23
+    assert cache.pos.tolist() == [23, 23]
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-4)
 
 
@@ -83,7 +83,7 @@ def test_cache_overflow_and_bad_inputs_are_clear(model):
         model.generate(torch.tensor([[1]]), 4, do_sample=True, temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(torch.tensor([[1]]), 4, do_sample=True, top_p=1.5)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
+    with pytest.raises(ValueError, match="exceeds the model's context"):
         model.generate(torch.tensor([[1]]), 10**6)
 
 
@@ -99,9 +99,65 @@ def test_static_decode_step_matches_cached_forward(model):
         for t in range(5):
             nxt = torch.tensor([[7 + t], [40 + t]])
             ref = model(nxt, cache=a).logits
-            got, _ = model.decode_step(nxt, torch.tensor(b.pos), [b.layer_state(i) for i in range(8)])
-            b.pos += 1
+            got, _, _ = model.decode_step(nxt, b.pos, [b.layer_state(i) for i in range(8)])
+            b.advance(1)
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_rows_at_different_positions_decode_as_if_alone(model):
+    """Per-row positions: rows prefilled to different lengths (no padding) and then decoded together, with one
+    or several tokens per step, give each row exactly the logits of the row decoded alone."""
+    prompts = [[5, 9, 200, 17, 3, 44, 90], [12, 7], [100, 101, 102, 103]]
+    steps = [torch.tensor([[7], [8], [9]]), torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])]
+    with torch.no_grad():
+        batch = model.new_cache(3, 32)
+        for i, p in enumerate(prompts):
+            model(torch.tensor([p]), cache=batch.rows(i, i + 1))
+        assert batch.pos.tolist() == [7, 2, 4]
+        got = [model(x, cache=batch).logits for x in steps]
+        for i, p in enumerate(prompts):
+            alone = model.new_cache(1, 32)
+            model(torch.tensor([p]), cache=alone)
+            for x, g in zip(steps, got):
+                torch.testing.assert_close(g[i:i + 1], model(x[i:i + 1], cache=alone).logits, rtol=0, atol=1e-5)
+        static = model.new_cache(3, 32)                       # the static (compilable) step reads the same cache
+        for i, p in enumerate(prompts):
+            model(torch.tensor([p]), cache=static.rows(i, i + 1))
+        for x, g in zip(steps, got):
+            out, _, _ = model.decode_step(x, static.pos, [static.layer_state(i) for i in range(8)])
+            static.advance(x.shape[1])
+            torch.testing.assert_close(out, g, rtol=0, atol=1e-5)
+
+
+def test_keep_prefix_restores_the_state_of_any_accepted_prefix(model):
+    """A verify pass over 4 tokens keeping 1, 2 or 4 of them per row leaves each row exactly as if only the kept
+    tokens had been fed (Mamba states recorded per token; attention just moves back)."""
+    prompt = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    new = torch.tensor([[11, 12, 13, 14], [21, 22, 23, 24]])
+    keep = torch.tensor([1, 3])
+    with torch.no_grad():
+        spec = model.new_cache(2, 16)
+        model(prompt, cache=spec)
+        start = spec.pos.clone()
+        out = model(new, cache=spec, keep_mamba_states=True)
+        spec.keep_prefix(start, keep, out.mamba_states)
+        assert spec.pos.tolist() == [6, 8]
+        nxt = torch.tensor([[42], [43]])
+        got = model(nxt, cache=spec).logits
+        for r in range(2):
+            plain = model.new_cache(1, 16)
+            model(torch.cat([prompt[r:r + 1], new[r:r + 1, :int(keep[r])]], 1), cache=plain)
+            torch.testing.assert_close(got[r:r + 1], model(nxt[r:r + 1], cache=plain).logits, rtol=0, atol=1e-5)
+
+
+def test_copy_row_forks_a_sequence(model):
+    with torch.no_grad():
+        cache = model.new_cache(3, 16)
+        model(torch.tensor([[1, 2, 3, 4]]), cache=cache.rows(0, 1))
+        cache.copy_row(0, [1, 2])
+        out = model(torch.tensor([[5], [6], [5]]), cache=cache).logits
+    torch.testing.assert_close(out[0], out[2], rtol=0, atol=0)
+    assert not torch.equal(out[0], out[1]) and cache.pos.tolist() == [5, 5, 5]
 
 
 def test_compiled_decode_generates_the_same_tokens(model):
@@ -110,7 +166,7 @@ def test_compiled_decode_generates_the_same_tokens(model):
     eager = model.generate(ids, 12, attention_mask=mask)
     torch.manual_seed(0)
     compiled = model.generate(ids, 12, attention_mask=mask, compile=True)
-    model._compiled_decode = None
+    model.compile_decode(False)
     assert torch.equal(eager, compiled)
 
 

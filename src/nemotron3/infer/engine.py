@@ -1,37 +1,48 @@
-"""The inference engine: a batch of requests with different prompt lengths, prefilled in chunks, then decoded with
-the hybrid cache, plainly or with MTP self-speculative decoding; stop tokens and strings, logprobs, streaming and
-a reasoning budget per request.
+"""The inference engine: requests join and leave a running batch at any step (vLLM's add_request / step / abort),
+prompts are prefilled in chunks between decode steps, and every live row decodes one round per step, plainly or
+with MTP self-speculative decoding; stop tokens and strings, logprobs, budgets, forking a prompt into n samples.
 
     engine = Engine(model, tokenizer, num_speculative_tokens=3)
-    for ev in engine.stream([Request(prompt_ids=ids, max_tokens=64)]):    # (request, token, text piece) as made
-        print(ev.text, end="")
-    results = engine.last_results
+    rid = engine.add_request(Request(prompt_ids, max_tokens=64))
+    while engine.has_unfinished():
+        for ev in engine.step():                    # Event(request_id, sample, token_id, text, result=None|Result)
+            print(ev.text, end="")
+    engine.generate([Request(...), ...])            # the same loop, results in request order
 
-Speculative round (nemotron3_spec.md §2.4-2.5), rows of a batch advance together:
-    1. draft: MTP depth 1 on (hidden of the last verified position, the token just chosen), then the same block
-       again on (its own output, the draft) for depths 2..K (temporary MTP cache entries, dropped afterwards)
-    2. verify: one forward of the main model over [t0, d1..dK]; Mamba layers record their state after each token
-    3. accept: greedy - drafts equal to the target's argmax; sampling - accept d_j with prob min(1, p(d_j)/q(d_j)),
-       else resample from norm(max(p - q, 0)) (Leviathan et al. 2023) so the output is distributed as p exactly.
-       A batch keeps n = the fewest drafts any live row accepted; every row still emits a token at n (its accepted
-       draft or its correction), which is a valid sample, so greedy output is unchanged and sampling stays exact.
-    4. roll back: keep the Mamba states after t0, d1..dn; attention just moves its position back
+Layout: one HybridCache of max_batch + 1 rows, each row its own sequence at its own position. Rows [0, n) decode;
+the last row is the prefill scratch row. A prompt is prefilled there chunk by chunk (one chunk per step, so a long
+prompt does not stall the running streams), then its state is copied into n free decode rows (prefix forking:
+one prefill, n samples). A finished row is replaced by the last live row (one row's state copied), so the decode
+batch is always the contiguous rows [0, n) and a step runs on exactly the live rows.
+
+Speculative round (MTP heads as the drafter), each row accepting its own number of drafts:
+    1. draft: MTP depth 1 on (hidden of the last verified position, the token just chosen), then the head again on
+       (its own output, the draft) for depths 2..K (temporary MTP cache entries, dropped afterwards)
+    2. verify: one forward of the main model over [t0, d1..dK]; Mamba layers return their state after each token
+    3. accept: speculative.accept_drafts for the whole batch (exact rejection sampling; greedy = argmax match)
+    4. roll back: each row keeps the Mamba state after its t0, d1..dn and moves its position to start + n + 1
     5. catch the MTP cache up on the kept positions (teacher-forced, as in training); its last output drafts next.
+Speculation is used only where it pays: `num_speculative_tokens` may be a dict {max batch size: K} (e.g.
+{1: 3, 4: 2, 8: 0}); the K of the smallest key >= the live batch size applies, 0 = plain decoding.
 """
 
 from __future__ import annotations
 
-import copy
+import itertools
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from ..model.cache import HybridCache
-from .budget import ReasoningBudget
-from .sampling import SamplingParams, logprobs_of, sample, target_probs
+from .budget import BudgetState, ReasoningBudget
+from .reasoning import THINK_CLOSE, split_reasoning
+from .sampling import RowParams, SamplingParams, draw, splitmix64, target_probs_rows, token_logprobs, uniforms
+from .speculative import accept_drafts
 
-END_THINK = "</think>"
 CLOSE_THOUGHT = ".\n</think>\n\n"
+# Draft tokens per round by live batch size, the default of the CLI and the server: measured in
+# bench/decode_speed.py (2 CPU threads, demo and small models); speculation stops paying as the batch grows.
+SPECULATION_BY_BATCH = {1: 3, 2: 2, 4: 1, 1024: 0}
 
 
 @dataclass
@@ -44,7 +55,7 @@ class Request:
     stop_token_ids: list[int] = field(default_factory=list)
     """Extra stop tokens besides the tokenizer's eos."""
     logprobs: int | None = None
-    """None: no logprobs; 0: the chosen token's; n: also the n most likely tokens at each step."""
+    """None: no per-token logprob dicts; 0: the chosen token's; n: also the n most likely tokens at each step."""
     reasoning_budget: int | None = None
     """Thinking tokens allowed before the thought is closed (needs thinking=True)."""
     thinking: bool = False
@@ -53,6 +64,8 @@ class Request:
     """Extra thinking tokens allowed while waiting for a newline after the budget (default 10%, at least 8)."""
     thought_close: str = CLOSE_THOUGHT
     """What a budget forces to end the thought (NVIDIA's: ".\n</think>\n\n"; match the model's training format)."""
+    n: int = 1
+    """Samples of this prompt: prefilled once, forked into n rows (sample i seeds its stream with (seed, i))."""
 
 
 @dataclass
@@ -61,63 +74,83 @@ class Result:
     text: str
     reasoning: str | None
     content: str
-    finish_reason: str                    # stop | length
+    finish_reason: str                    # stop | length | abort | error
     prompt_tokens: int
     logprobs: list[dict] | None = None
     budget_forced: bool = False
+    request_id: int = 0
+    sample: int = 0
+    token_logprobs: torch.Tensor | None = None
+    """(n,) float32: the raw model's log-probability of each output token."""
+    sampled_logprobs: torch.Tensor | None = None
+    """(n,) float32: its log-probability under the distribution actually sampled (after temperature / top-k /
+    top-p / min-p / penalty; 0 for greedy and forced tokens) — the generation log-probs RL's importance weights use."""
+    versions: list[int] | None = None
+    """The policy version (update_weights) that produced each output token."""
+    error: str | None = None
 
 
 @dataclass
 class Event:
-    index: int                            # which request
-    token_id: int
+    request_id: int
+    sample: int
+    token_id: int | None                  # None for an event that only finishes (abort, error)
     text: str                             # new text made visible by this token (may be empty)
+    result: Result | None = None          # set on the sequence's last event
+
+    @property
+    def index(self) -> int:               # position of the request in generate()/stream() order
+        return self.request_id
 
 
-class _Row:
-    """One request's running state."""
+class _IdsOnly:
+    """Stand-in tokenizer when the caller works in ids (model.generate): no text, stops by id only."""
+    eos_token_id = None
 
-    def __init__(self, req: Request, tokenizer, device):
-        self.req, self.tok = req, tokenizer
+    def decode(self, ids):
+        return ""
+
+    def encode(self, text):
+        raise ValueError("a reasoning budget needs the model's tokenizer (Engine(model, tokenizer)).")
+
+
+class _Sequence:
+    """One sample's host-side state: tokens, text (incremental detokenization), stops, budget, logprobs."""
+
+    def __init__(self, rid: int, sample: int, req: Request, tok, budget: ReasoningBudget | None):
+        self.rid, self.sample, self.req, self.tok = rid, sample, req, tok
         self.tokens: list[int] = []
-        self.seen = list(req.prompt_ids)                     # prompt + output ids (repetition penalty)
-        self.device = device
-        # greedy without a repetition penalty needs no distribution: the batch's argmax is the choice
-        self.plain_greedy = req.sampling.greedy and req.sampling.repetition_penalty == 1.0
-        self.done, self.finish, self.text, self.shown = False, "length", "", 0
-        self._prefix, self._read = 0, 0          # incremental detokenization offsets (vLLM's scheme)
+        self.lp_raw: list[float] = []
+        self.lp_sampled: list[float] = []
+        self.versions: list[int] = []
         self.logprobs = [] if req.logprobs is not None else None
-        self.generator = torch.Generator(device=device).manual_seed(req.sampling.seed) \
-            if req.sampling.seed is not None else None
-        self.stops = {tokenizer.eos_token_id, *req.stop_token_ids} - {None}
-        self.budget = None
-        if req.reasoning_budget is not None:
-            if not req.thinking:
-                raise ValueError("reasoning_budget needs a prompt that opens a thought (thinking=True / "
-                                 "enable_thinking in the chat template).")
-            self.budget = ReasoningBudget(req.reasoning_budget, tokenizer.encode(req.thought_close), END_THINK,
-                                          tokenizer.decode, grace=req.budget_grace)
+        self.finish, self.error, self.text, self.shown = None, None, "", 0
+        self._prefix, self._read = 0, 0          # incremental detokenization offsets (vLLM's scheme)
+        self.stops = {tok.eos_token_id, *req.stop_token_ids} - {None}
+        self.budget = budget
+        self.budget_state = BudgetState() if budget is not None else None
 
-    def emit(self, token: int, logits: torch.Tensor | None) -> str:
-        """Append a token; returns the text that became visible. Sets done when a stop condition hits."""
-        self.tokens.append(token)
-        self.seen.append(token)
+    def emit(self, token: int, lp_raw: float, lp_sampled: float, version: int, top=None) -> str:
+        """Append a token; returns the text that became visible. Sets finish when a stop condition hits."""
         if self.budget is not None:
-            self.budget.observe(token)
-        if self.logprobs is not None and logits is not None:
-            self.logprobs.append({"token": token, **logprobs_of(logits, token, self.req.logprobs)})
-        if token in self.stops:
-            self.tokens.pop()
-            self.done, self.finish = True, "stop"
+            self.budget_state = self.budget.advance(self.budget_state, token)
+        if token in self.stops:                   # a stop token is not part of the output, nor its logprob
+            self.finish = "stop"
         else:
+            self.tokens.append(token)
+            self.lp_raw.append(lp_raw)
+            self.lp_sampled.append(lp_sampled)
+            self.versions.append(version)
+            if self.logprobs is not None:
+                self.logprobs.append({"token": token, "logprob": lp_raw, "top": top or []})
             self.text += self._new_text()
             for s in self.req.stop:
                 if s in self.text:
                     self.text = self.text[:self.text.index(s)]
-                    self.done, self.finish = True, "stop"
-        if len(self.tokens) >= self.req.max_tokens and not self.done:
-            self.done = True
-        hold = 0 if self.done else max((len(s) - 1 for s in self.req.stop), default=0)  # a stop string may be forming
+                    self.finish = "stop"
+        if len(self.tokens) >= self.req.max_tokens and self.finish is None:
+            self.finish = "length"
+        hold = 0 if self.finish else max((len(s) - 1 for s in self.req.stop), default=0)  # a stop may be forming
         visible = self.text[:max(self.shown, len(self.text) - hold)]
         piece, self.shown = visible[self.shown:], len(visible)
         return piece
@@ -132,266 +165,432 @@ class _Row:
         self._prefix, self._read = self._read, len(self.tokens)
         return new[len(old):]
 
-    def seen_tensor(self, extra=()) -> torch.Tensor | None:
-        if self.req.sampling.repetition_penalty == 1.0:
-            return None
-        return torch.tensor(self.seen + list(extra), dtype=torch.long, device=self.device)
-
     def result(self) -> Result:
-        text = self.text
-        reasoning, content = None, text
-        if self.req.thinking or text.lstrip().startswith("<think>"):
-            body = text.lstrip().removeprefix("<think>")
-            if END_THINK in body:
-                reasoning, content = body.split(END_THINK, 1)
-            else:
-                reasoning, content = body, ""
-            reasoning, content = reasoning.strip(), content.strip()
-        return Result(self.tokens, text, reasoning, content, self.finish, len(self.req.prompt_ids), self.logprobs,
-                      bool(self.budget and self.budget.forced))
+        reasoning, content = split_reasoning(self.text, self.req.thinking)
+        return Result(self.tokens, self.text, reasoning, content, self.finish or "abort", len(self.req.prompt_ids),
+                      self.logprobs, bool(self.budget_state and self.budget_state.forced), self.rid, self.sample,
+                      torch.tensor(self.lp_raw), torch.tensor(self.lp_sampled), self.versions, self.error)
 
 
-class _IdsOnly:
-    """Stand-in tokenizer when the caller works in ids (model.generate): no text, stops by id only."""
-    eos_token_id = None
+class _Prefill:
+    """A prompt being prefilled in the scratch row, one chunk per step."""
 
-    def decode(self, ids):
-        return ""
-
-    def encode(self, text):
-        raise ValueError("a reasoning budget needs the model's tokenizer (Engine(model, tokenizer)).")
+    def __init__(self, rid: int, req: Request, seqs: list[_Sequence], ids: torch.Tensor):
+        self.rid, self.req, self.seqs, self.ids, self.done = rid, req, seqs, ids, 0
+        self.prev_h: torch.Tensor | None = None       # the previous chunk's hidden states (MTP catch-up)
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, num_speculative_tokens: int = 0, prefill_chunk: int = 512):
-        if num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens={num_speculative_tokens} must be >= 0 (0 = plain decoding).")
-        if num_speculative_tokens and model.mtp is None:
+    def __init__(self, model, tokenizer=None, num_speculative_tokens: int | dict = 0, prefill_chunk: int = 512,
+                 max_batch: int = 32, max_model_len: int | None = None):
+        spec = num_speculative_tokens if isinstance(num_speculative_tokens, dict) else {max_batch: num_speculative_tokens}
+        if any(not isinstance(k, int) or k < 0 for k in spec.values()) or any(b < 1 for b in spec):
+            raise ValueError(f"num_speculative_tokens={num_speculative_tokens!r} must be an integer >= 0 (0 = plain "
+                             f"decoding) or a dict {{max batch size >= 1: K >= 0}}.")
+        if max(spec.values()) and model.mtp is None:
             raise ValueError("num_speculative_tokens > 0 needs MTP heads; this model has none "
                              "(num_nextn_predict_layers=0). Use 0 for plain decoding.")
-        self.model, self.tok, self.K, self.chunk = model, tokenizer or _IdsOnly(), num_speculative_tokens, prefill_chunk
-        self.last_results: list[Result] = []
+        if not isinstance(max_batch, int) or max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch={max_batch!r} and prefill_chunk={prefill_chunk!r} must be positive integers.")
+        self.model, self.tok, self.chunk, self.max_batch = model, tokenizer or _IdsOnly(), prefill_chunk, max_batch
+        self.spec_by_batch = sorted(spec.items())
+        self.K_max = max(spec.values())
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+        p = model.lm_head.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.version = 0
+        self.cache = self.mtp_cache = None
+        self.rows: list[_Sequence] = []               # decode row i holds rows[i]
+        self.waiting: deque[_Prefill] = deque()
+        self.prefilling: _Prefill | None = None
+        self._ids = itertools.count()
+        self._finished: list[Event] = []
+        self._params_dirty = True
         self.reset_stats()
 
+    # ---- public API -----------------------------------------------------------------------------------------------
     def reset_stats(self):
-        self.stats = {"rounds": 0, "drafted": [0] * self.K, "accepted": [0] * self.K, "tokens": 0}
+        self.stats = {"rounds": 0, "drafted": [0] * self.K_max, "accepted": [0] * self.K_max, "tokens": 0}
 
     def acceptance(self) -> list[float]:
-        """Share of drafts accepted at each draft position 1..K (over live rows of every round)."""
+        """Share of drafts accepted at each draft position 1..K (over live rows of every speculative round)."""
         return [a / d if d else 0.0 for a, d in zip(self.stats["accepted"], self.stats["drafted"])]
 
+    def K_for(self, batch: int) -> int:
+        """Draft tokens per round at this live batch size."""
+        return next((k for b, k in self.spec_by_batch if batch <= b), self.spec_by_batch[-1][1])
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError naming the problem for a request the engine cannot run."""
+        if not isinstance(request, Request):
+            raise ValueError(f"expected a Request, got {type(request).__name__}.")
+        ids = request.prompt_ids
+        if not ids:
+            raise ValueError("empty prompt: give at least one token.")
+        if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or request.max_tokens < 1:
+            raise ValueError(f"max_tokens={request.max_tokens!r} must be a positive integer.")
+        if not isinstance(request.n, int) or not 1 <= request.n <= self.max_batch:
+            raise ValueError(f"n={request.n!r} must be an integer in [1, {self.max_batch}] (the engine's max_batch).")
+        if len(ids) + request.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
+                             f"context of {self.max_model_len} (max_model_len); shorten the prompt or ask for fewer "
+                             f"tokens.")
+        V = self.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < V for t in ids):
+            raise ValueError(f"prompt ids must be integers in [0, {V}) (vocab_size is {V}); tokenize with this "
+                             f"model's tokenizer.")
+        if request.reasoning_budget is not None and not request.thinking:
+            raise ValueError("reasoning_budget needs a prompt that opens a thought (thinking=True / "
+                             "enable_thinking in the chat template).")
+
+    def add_request(self, request: Request) -> int:
+        """Queue a request; returns its id. It is prefilled in the coming steps and then decodes with the batch."""
+        self.check(request)
+        budget = None
+        if request.reasoning_budget is not None:
+            budget = ReasoningBudget(request.reasoning_budget, self.tok.encode(request.thought_close), THINK_CLOSE,
+                                     self.tok.decode, grace=request.budget_grace)
+        rid = next(self._ids)
+        seqs = [_Sequence(rid, i, request, self.tok, budget) for i in range(request.n)]
+        self.waiting.append(_Prefill(rid, request, seqs, torch.tensor(request.prompt_ids, device=self.device)))
+        return rid
+
+    @torch.inference_mode()
+    def abort(self, request_id: int) -> list[Result]:
+        """Stop a request now (queued, prefilling or decoding); returns its results so far (finish_reason abort)."""
+        out = [s for p in self.waiting if p.rid == request_id for s in p.seqs]
+        self.waiting = deque(p for p in self.waiting if p.rid != request_id)
+        if self.prefilling is not None and self.prefilling.rid == request_id:
+            out += self.prefilling.seqs
+            self.prefilling = None
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].rid == request_id:
+                out.append(self.rows[i])
+                self._remove_row(i)
+        for s in out:
+            s.finish = s.finish or "abort"
+        return [s.result() for s in sorted(out, key=lambda s: s.sample)]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.rows or self.waiting or self.prefilling or self._finished)
+
+    def num_running(self) -> int:
+        return len(self.rows)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting) + (self.prefilling is not None)
+
+    @torch.inference_mode()
+    def update_weights(self, named_tensors, version: int | None = None) -> None:
+        """Load new weights between steps without rebuilding anything (RL's policy update); tokens generated from
+        now on record `version` (default: the previous one + 1)."""
+        params = dict(self.model.named_parameters())
+        for name, t in named_tensors:
+            if name not in params:
+                raise ValueError(f"update_weights: the model has no parameter {name!r}.")
+            if params[name].shape != t.shape:
+                raise ValueError(f"update_weights: {name} has shape {tuple(params[name].shape)}, got {tuple(t.shape)}.")
+            params[name].copy_(t)
+        self.version = self.version + 1 if version is None else version
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One scheduling step: admit a prompt / prefill one chunk, then one decode round for every live row."""
+        events, self._finished = self._finished, []
+        self._prefill_chunk(events)
+        if self.rows:
+            self._decode_round(events)
+        return events
+
+    def stream(self, requests: list[Request]):
+        """Events of these requests as they are made (request_id = the position in `requests`); drives the engine
+        itself, so it needs an engine with nothing else queued (use add_request / step to mix)."""
+        if self.has_unfinished():
+            raise ValueError("this engine is already running other requests; use add_request / step, or another "
+                             "Engine, to run more.")
+        for r in requests:
+            self.check(r)
+        ids = [self.add_request(r) for r in requests]
+        first = ids[0] if ids else 0
+        done: dict[tuple[int, int], Result] = {}
+        while self.has_unfinished():
+            for ev in self.step():
+                if ev.request_id in ids:
+                    ev.request_id -= first
+                    if ev.result is not None:
+                        ev.result.request_id -= first
+                        done[ev.request_id, ev.sample] = ev.result
+                    yield ev
+        self.last_results = [done[k] for k in sorted(done)]
+
     def generate(self, requests: list[Request]) -> list[Result]:
+        """Run these requests to completion; one Result per (request, sample), in order."""
+        if not requests:
+            raise ValueError("no requests.")
         for _ in self.stream(requests):
             pass
         return self.last_results
 
-    # ------------------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def stream(self, requests: list[Request]):
-        model, cfg = self.model, self.model.config
-        device = model.lm_head.weight.device
-        self.check(requests)
-        rows = [_Row(r, self.tok, device) for r in requests]
-        B, L = len(rows), max(len(r.prompt_ids) for r in requests)
-        ids = torch.zeros(B, L, dtype=torch.long, device=device)
-        mask = torch.zeros(B, L, dtype=torch.long, device=device)
-        for i, r in enumerate(requests):                                   # left padding
-            ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
-            mask[i, L - len(r.prompt_ids):] = 1
-        max_len = L + max(r.max_tokens for r in requests) + self.K + 2
-        if model.decode_is_compiled:               # power-of-two cache lengths: the compiled step is reused
-            max_len = max(256, 1 << (max_len - 1).bit_length())
-        dtype = model.lm_head.weight.dtype
-        cache = HybridCache(cfg, B, max_len, device=device, dtype=dtype)
-        spec = self.K > 0
-        mtp_cache = HybridCache(cfg, B, max_len, device, dtype, include_mtp=True, include_main=False) if spec else None
-        # prefill in chunks: peak activation memory is set by the chunk, not the prompt
-        hs = []
-        for s in range(0, L, self.chunk):
-            out = model(ids[:, s:s + self.chunk], mask[:, :s + self.chunk], cache, logits_to_keep=1)
-            hs.append(out.hidden_states if spec else None)
-        logits = out.logits[:, -1]
-        last = self._choose(rows, logits)
-        for i, row in enumerate(rows):
-            yield from self._emit(i, row, int(last[i]), logits[i])
-        draft_h = None
-        if spec:
-            next_ids = torch.cat([ids[:, 1:], last[:, None]], 1)
-            for c, s in enumerate(range(0, L, self.chunk)):
-                m = mask[:, s:s + self.chunk]
-                draft_h = self._mtp_catch_up(hs[c], next_ids[:, s:s + self.chunk], None if bool(m.all()) else m,
-                                             mtp_cache)
-        while not all(r.done for r in rows):
-            events, last, draft_h = self._step(rows, last, draft_h, cache, mtp_cache)
-            yield from events
-        self.last_results = [r.result() for r in rows]
+    # ---- the cache and per-row tensors ------------------------------------------------------------------------------
+    def _ensure_cache(self, length: int) -> None:
+        """Allocate (or grow, keeping every row) the caches so `length` tokens fit per row; power-of-two lengths so
+        that a compiled step is reused, not recompiled, across requests."""
+        if self.cache is not None and length <= self.cache.max_len:
+            return
+        new_len = min(max(256, 1 << (length - 1).bit_length()), max(length, self.max_model_len + self.K_max + 1))
+        old = (self.cache, self.mtp_cache)
+        self.cache = self.model.new_cache(self.max_batch + 1, new_len)
+        if self.K_max:
+            self.mtp_cache = self.model.new_cache(self.max_batch + 1, new_len, include_mtp=True, include_main=False)
+        for o, c in zip(old, (self.cache, self.mtp_cache)):
+            if o is not None and c is not None:
+                c.pos.copy_(o.pos)
+                for i, (k, v) in o.kv.items():
+                    c.kv[i][0][:, :, :o.max_len] = k
+                    c.kv[i][1][:, :, :o.max_len] = v
+                for i in o.ssm:
+                    c.conv[i].copy_(o.conv[i])
+                    c.ssm[i].copy_(o.ssm[i])
 
-    def _step(self, rows, last, draft_h, cache, mtp_cache):
-        """One decode round for every row: a plain step, or (with MTP) draft, verify, accept, roll back, catch up.
-        Returns (events, the next t0 per row, the next round's MTP hidden state)."""
-        model, events = self.model, []
-        if not self.K:
-            logits = model(last[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
-            last = self._choose(rows, logits)
-            for i, row in enumerate(rows):
-                if not row.done:
-                    events += self._emit(i, row, int(last[i]), logits[i])
-            return events, last, None
-        # 1. draft K tokens
-        drafts, q = self._draft(rows, draft_h, last, mtp_cache)
-        # 2. verify [t0, d1..dK] in one forward, recording Mamba states per token
-        start = cache.start_history()
-        out = model(torch.cat([last[:, None], drafts], 1), cache=cache)
-        vlogits = out.logits                                             # (B, K+1, V)
-        # 3. accept (per row), then the batch keeps the smallest count of live rows
-        chosen, n = self._accept(rows, drafts, q, vlogits)
-        # 4. roll back to t0, d1..dn
-        cache.rollback(start, n + 1)
-        new_last = torch.empty_like(last)
-        for i, row in enumerate(rows):
-            toks = chosen[i][:n + 1]
-            new_last[i] = toks[-1]
-            for j, t in enumerate(toks):
-                if not row.done:
-                    events += self._emit(i, row, t, vlogits[i, j])
-        self.stats["rounds"] += 1
-        # 5. MTP cache: teacher-forced entries for the kept positions; the last one drafts the next round
-        next_ids = torch.cat([drafts[:, :n], new_last[:, None]], 1)
-        mtp_cache.pos = start
-        draft_h = self._mtp_catch_up(out.hidden_states[:, :n + 1], next_ids, None, mtp_cache)
-        return events, new_last, draft_h
+    def _row_tensors(self):
+        """Rebuild the per-row tensors after rows joined or left."""
+        if not self._params_dirty:
+            return
+        self.params = RowParams([s.req.sampling for s in self.rows], self.device)
+        self._params_dirty = False
 
-    def _emit(self, i, row, token, logits) -> list[Event]:
-        piece = row.emit(token, logits)
-        self.stats["tokens"] += 1
-        return [Event(i, token, piece)]
-
-    def check(self, requests):
-        """Raise ValueError naming the problem for a request the engine cannot run (empty prompt, ids outside
-        the vocabulary, prompt + max_tokens over the context)."""
-        if not requests:
-            raise ValueError("no requests.")
-        limit = self.model.config.max_position_embeddings
-        for r in requests:
-            if not r.prompt_ids:
-                raise ValueError("empty prompt: give at least one token.")
-            if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
-                raise ValueError(f"max_tokens={r.max_tokens!r} must be a positive integer.")
-            if len(r.prompt_ids) + r.max_tokens > limit:
-                raise ValueError(f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) exceeds the "
-                                 f"model's context of {limit} (max_position_embeddings); shorten the prompt or ask "
-                                 f"for fewer tokens.")
+    def _place(self, seqs: list[_Sequence], first: torch.Tensor, h_last: torch.Tensor, rng_key: torch.Tensor,
+               seen: torch.Tensor | None):
+        """Fork the scratch row into len(seqs) new decode rows."""
+        a, scratch = len(self.rows), self.max_batch
+        n = len(seqs)
+        for c in (self.cache, self.mtp_cache):
+            if c is not None:
+                c.copy_row(scratch, range(a, a + n))
+        self.rows += seqs
+        self.last = first if a == 0 else torch.cat([self.last[:a], first])
+        self.rng_key = rng_key if a == 0 else torch.cat([self.rng_key[:a], rng_key])
+        self.counter = torch.ones(n, dtype=torch.long, device=self.device) if a == 0 else torch.cat(
+            [self.counter[:a], torch.ones(n, dtype=torch.long, device=self.device)])
+        if seen is not None or (a and self.seen is not None):
             V = self.model.config.vocab_size
-            if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= V:
-                raise ValueError(f"prompt ids must lie in [0, {V}) (vocab_size is {V}); tokenize with this model's "
-                                 f"tokenizer.")
+            old = self.seen[:a] if a and self.seen is not None else torch.zeros(a, V, dtype=torch.bool, device=self.device)
+            new = seen if seen is not None else torch.zeros(n, V, dtype=torch.bool, device=self.device)
+            self.seen = torch.cat([old, new])
+        elif a == 0:
+            self.seen = None
+        if self.K_max:
+            h, _ = self.model.mtp_step(1, h_last.expand(n, 1, -1), first[:, None], self.mtp_cache.rows(a, a + n))
+            self.draft_h = h if a == 0 else torch.cat([self.draft_h[:a], h])
+        self._params_dirty = True
 
-    def _choose(self, rows, logits):
-        """Next token per row from logits (B, V): the budget's forced token, or a sample of the row's target."""
-        out, argmax = [], logits.argmax(-1).tolist()
-        for row, lg, am in zip(rows, logits, argmax):
-            forced = row.budget.next_forced() if row.budget is not None else None
-            if forced is not None or row.plain_greedy:
-                out.append(forced if forced is not None else am)
-                continue
-            p = target_probs(lg, row.req.sampling, row.seen_tensor())
-            out.append(int(p.argmax()) if row.req.sampling.greedy else int(sample(p, row.generator)))
-        return torch.tensor(out, device=logits.device)
+    def _remove_row(self, i: int) -> None:
+        """Free decode row i: the last live row moves into it, so live rows stay contiguous."""
+        last = len(self.rows) - 1
+        if i != last:
+            for c in (self.cache, self.mtp_cache):
+                if c is not None:
+                    c.copy_row(last, [i])
+            self.rows[i] = self.rows[last]
+            for name in ("last", "rng_key", "counter", "seen", "draft_h"):
+                t = getattr(self, name, None)
+                if t is not None:
+                    t[i] = t[last]
+        self.rows.pop()
+        for name in ("last", "rng_key", "counter", "seen", "draft_h"):
+            t = getattr(self, name, None)
+            if t is not None:
+                setattr(self, name, t[:last])
+        for c in (self.cache, self.mtp_cache):
+            if c is not None:
+                c.reset_rows(last, last + 1)
+        self._params_dirty = True
 
-    def _mtp_catch_up(self, h, next_ids, mask, mtp_cache):
-        """MTP depth 1 over positions whose next token is known: writes them into the MTP cache, returns the last
-        position's MTP hidden state (drafts the next token)."""
+    # ---- prefill ------------------------------------------------------------------------------------------------
+    def _prefill_chunk(self, events: list[Event]) -> None:
+        if self.prefilling is None:
+            if not self.waiting or len(self.rows) + self.waiting[0].req.n > self.max_batch:
+                return
+            self.prefilling = self.waiting.popleft()
+            req = self.prefilling.req
+            self._ensure_cache(len(req.prompt_ids) + req.max_tokens + self.K_max + 1)
+        pf, model, scratch = self.prefilling, self.model, self.max_batch
+        main = self.cache.rows(scratch, scratch + 1)
+        L, s = len(pf.ids), pf.done
+        chunk = pf.ids[s:s + self.chunk][None]
+        out = model(chunk, cache=main, logits_to_keep=1)
+        pf.done = s + chunk.shape[1]
+        mtp = self.mtp_cache.rows(scratch, scratch + 1) if self.K_max else None
+        if mtp is not None:
+            if pf.prev_h is not None:     # the previous chunk's positions: their next tokens are now all known
+                model.mtp_step(1, pf.prev_h, pf.ids[s - pf.prev_h.shape[1] + 1:s + 1][None], mtp)
+            pf.prev_h = out.hidden_states
+        if pf.done < L:
+            return
+        # the prompt is in: choose each sample's first token, fork into decode rows, catch the MTP cache up
+        self.prefilling = None
+        n = len(pf.seqs)
+        seed = pf.req.sampling.seed if pf.req.sampling.seed is not None else int(torch.randint(2 ** 62, ()))
+        rng_key = splitmix64(torch.full((n,), seed, dtype=torch.long, device=self.device)
+                            ^ splitmix64(torch.arange(n, device=self.device)))
+        seen = None
+        if pf.req.sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(n, model.config.vocab_size, dtype=torch.bool, device=self.device)
+            seen[:, pf.ids] = True
+        logits = out.logits[:, -1:].expand(n, 1, -1)
+        rp = RowParams([pf.req.sampling] * n, self.device)
+        forced = [s.budget.forced(s.budget_state) if s.budget else None for s in pf.seqs]
+        p = self._target(logits, rp, None if seen is None else seen[:, None], [[f] for f in forced])
+        first = draw(p[:, 0], uniforms(rng_key, torch.zeros(n, dtype=torch.long, device=self.device), 1)[:, 0])
+        if mtp is not None and pf.prev_h.shape[1] > 1:
+            tail = pf.prev_h[:, :-1]
+            model.mtp_step(1, tail, pf.ids[L - tail.shape[1]:][None], mtp)
+        h_last = pf.prev_h[:, -1:] if mtp is not None else None
+        self._place(pf.seqs, first, h_last, rng_key, seen)
+        for c in (self.cache, self.mtp_cache):
+            if c is not None:
+                c.reset_rows(scratch, scratch + 1)
+        a = len(self.rows) - n
+        self._emit(events, list(range(a, a + n)), first[:, None], torch.zeros(n, dtype=torch.long, device=self.device),
+                   logits, p)
+
+    # ---- decode -------------------------------------------------------------------------------------------------
+    def _target(self, logits, rp, seen, forced):
+        """Target distributions (b, L, V) with budget-forced tokens as one-hot rows; forced: per row, per position,
+        a token id or None (or None for the whole row)."""
+        p = target_probs_rows(logits, rp, seen)
+        if any(f is not None for row in forced if row for f in row):
+            L = logits.shape[1]
+            ids = torch.tensor([[(row[j] if row and j < len(row) and row[j] is not None else -1) for j in range(L)]
+                                for row in forced], device=p.device)
+            one = torch.nn.functional.one_hot(ids.clamp(min=0), p.shape[-1]).float()
+            p = torch.where((ids >= 0)[..., None], one, p)
+        return p
+
+    def _decode_round(self, events: list[Event]) -> None:
+        self._row_tensors()
+        b = len(self.rows)
+        K = self.K_for(b)
+        view = self.cache.rows(0, b)
+        if K == 0:      # the MTP cache is not kept up in plain rounds: if speculation resumes, the first round's
+            out = self.model(self.last[:, None], cache=view, logits_to_keep=1)  # drafts are poor, never wrong
+            seen = None if self.seen is None else self.seen[:, None]
+            forced = [[s.budget.forced(s.budget_state)] if s.budget else None for s in self.rows]
+            p = self._target(out.logits, self.params, seen, forced)
+            tok = draw(p[:, 0], uniforms(self.rng_key, self.counter, 1)[:, 0])[:, None]
+            self.counter += 1
+            self.last = tok[:, 0]
+            self._emit(events, list(range(b)), tok, torch.zeros(b, dtype=torch.long, device=self.device),
+                       out.logits, p)
+            return
+        self._speculative_round(events, b, K)
+
+    def _speculative_round(self, events, b: int, K: int) -> None:
         model = self.model
-        mtp_cache.record_padding(mask, h.shape[1])
-        pos = mtp_cache.pos
-        out = model.mtp.step(1, h, model.backbone.embeddings(next_ids), mask, mtp_cache, pos)
-        mtp_cache.pos += h.shape[1]
-        return out[:, -1:]
-
-    def _draft(self, rows, draft_h, last, mtp_cache):
-        """K drafts per row from the MTP head(s): depth 1 from the caught-up state, then depth j from depth j-1's
-        output and draft (one block reused when there are fewer blocks than K). Returns (drafts (B, K), q list)."""
-        model = self.model
-        pos0 = mtp_cache.pos
-        saved = {i: (mtp_cache.conv[i].clone(), mtp_cache.ssm[i].clone()) for i in mtp_cache.ssm}
-        drafts, qs, h = [], [], draft_h
-        extra = [[] for _ in rows]
-        for j in range(1, self.K + 1):
-            logits = model.lm_head(h[:, -1]).float()
-            d, q, argmax = [], [], logits.argmax(-1).tolist()
-            for i, row in enumerate(rows):
-                if row.plain_greedy:
-                    t, p = argmax[i], None
-                else:
-                    p = target_probs(logits[i], row.req.sampling, row.seen_tensor(extra[i]))
-                    t = int(p.argmax()) if row.req.sampling.greedy else int(sample(p, row.generator))
-                d.append(t)
-                q.append(p)
-                extra[i].append(t)
-            d = torch.tensor(d, device=last.device)
+        main, mtp = self.cache.rows(0, b), self.mtp_cache.rows(0, b)
+        u = uniforms(self.rng_key, self.counter, 2 * K + 1)                     # (b, 2K+1): drafts, accepts, final
+        self.counter += 2 * K + 1
+        seen = self.seen
+        # 1. draft K tokens (temporary MTP entries; positions restored afterwards)
+        start_mtp = mtp.pos.clone()
+        saved = {i: (mtp.conv[i].clone(), mtp.ssm[i].clone()) for i in mtp.ssm}
+        h, drafts, qs, seens = self.draft_h, [], [], []
+        for j in range(1, K + 1):
+            logits_q = model.lm_head(h[:, -1:]).float()                         # (b, 1, V)
+            seens.append(None if seen is None else seen[:, None])
+            q = target_probs_rows(logits_q, self.params, seens[-1])[:, 0]      # (b, V)
+            d = draw(q, u[:, j - 1])
             drafts.append(d)
             qs.append(q)
-            if j < self.K:       # temporary entries at the following positions, dropped after this round
-                mtp_cache.record_padding(None, 1)
-                h = model.mtp.step(j + 1, h, model.backbone.embeddings(d[:, None]), None, mtp_cache, mtp_cache.pos)
-                mtp_cache.pos += 1
-        mtp_cache.pos = pos0
+            if seen is not None:
+                seen = seen.clone()
+                seen[torch.arange(b, device=d.device), d] = True
+            if j < K:
+                h, _ = model.mtp_step(j + 1, h, d[:, None], mtp)
+        seens.append(None if seen is None else seen[:, None])
+        mtp.pos.copy_(start_mtp)
         for i, (c, s) in saved.items():
-            mtp_cache.conv[i].copy_(c)
-            mtp_cache.ssm[i].copy_(s)
-        return torch.stack(drafts, 1), qs
+            mtp.conv[i].copy_(c)
+            mtp.ssm[i].copy_(s)
+        drafts = torch.stack(drafts, 1)                                        # (b, K)
+        q = torch.stack(qs, 1)                                                 # (b, K, V)
+        # 2. verify [t0, d1..dK] in one forward, keeping the Mamba states after each token
+        start = main.pos.clone()
+        out = model(torch.cat([self.last[:, None], drafts], 1), cache=main, keep_mamba_states=True)
+        # 3. accept: each row its own count
+        forced = self._forced_ahead(drafts, K)
+        p = self._target(out.logits, self.params, None if seen is None else torch.cat(seens, 1), forced)
+        emitted, n = accept_drafts(p, q, drafts, u[:, K:2 * K], u[:, 2 * K])
+        # 4. roll back each row to t0, d1..dn
+        main.keep_prefix(start, n + 1, out.mamba_states)
+        # 5. MTP cache: teacher-forced entries for the kept positions; the one at n drafts the next round
+        h_mtp, states = model.mtp_step(1, out.hidden_states, emitted, mtp, keep_mamba_states=bool(mtp.ssm))
+        mtp.keep_prefix(start_mtp, n + 1, states)
+        rows = torch.arange(b, device=n.device)
+        self.draft_h = h_mtp[rows, n][:, None]
+        self.last = emitted[rows, n]
+        self.stats["rounds"] += 1
+        self._emit(events, list(range(b)), emitted, n, out.logits, p)
 
-    def _accept(self, rows, drafts, qs, vlogits):
-        """Per row: the tokens it emits if the batch keeps n drafts (accepted drafts, then its correction or bonus),
-        and n = the fewest drafts a live row accepted (budget forcing counts as a rejection at its position)."""
-        K = self.K
-        chosen, counts = [], []
-        vargmax, dl = vlogits.argmax(-1).tolist(), drafts.tolist()
-        for i, row in enumerate(rows):
-            budget = copy.deepcopy(row.budget) if row.budget is not None else None
-            toks, a = [], 0
+    def _forced_ahead(self, drafts: torch.Tensor, K: int):
+        """Per row with a budget, the token forced at each verify position 0..K (position j is reached only if
+        d_1..d_j were accepted, so the look-ahead assumes they were)."""
+        if not any(s.budget for s in self.rows):
+            return [None] * len(self.rows)
+        dl = drafts.tolist()
+        out = []
+        for s, ds in zip(self.rows, dl):
+            if s.budget is None:
+                out.append(None)
+                continue
+            st, row = s.budget_state, []
             for j in range(K + 1):
-                forced = budget.next_forced() if budget is not None else None
-                if forced is not None:
-                    toks.append(forced)
+                f = s.budget.forced(st)
+                row.append(f)
+                if j < K:
+                    st = s.budget.advance(st, f if f is not None else ds[j])
+            out.append(row)
+        return out
+
+    def _emit(self, events, rows: list[int], tokens, n_acc, logits, p) -> None:
+        """Hand each row its tokens [0, n_acc + 1) (one host transfer for the batch), finish rows that stop."""
+        L = tokens.shape[1]
+        logits = logits[:, -L:]
+        if self.seen is not None:                                                # repetition-penalty bookkeeping
+            kept = torch.arange(L, device=n_acc.device)[None] <= n_acc[:, None]
+            r = torch.tensor(rows, device=self.device)[:, None].expand(-1, L)
+            self.seen[r[kept], tokens[kept]] = True
+        top = max((self.rows[i].req.logprobs or 0 for i in rows), default=0)
+        lp_raw, lp_sampled, alts = token_logprobs(logits, p, tokens, top)
+        bad = ~(torch.isfinite(p).all(-1) & torch.isfinite(logits).all(-1)).all(-1)   # a row whose numbers broke
+        host = [t.tolist() for t in (tokens, n_acc, lp_raw, lp_sampled, bad)]
+        alts = [a.tolist() for a in alts] if alts is not None else None
+        finished = []
+        for j, i in enumerate(rows):
+            seq = self.rows[i]
+            if host[4][j]:
+                seq.finish, seq.error = "error", "the model produced non-finite probabilities for this request"
+                events.append(Event(seq.rid, seq.sample, None, "", seq.result()))
+                finished.append(i)
+                continue
+            a = host[1][j]
+            for pos in range(L - 1):                                            # speculative acceptance statistics
+                self.stats["drafted"][pos] += 1 if pos <= a else 0
+                self.stats["accepted"][pos] += 1 if pos < a else 0
+            for k in range(a + 1):
+                tok = host[0][j][k]
+                alt = list(zip(alts[1][j][k], alts[0][j][k]))[:seq.req.logprobs] if alts and seq.req.logprobs else None
+                piece = seq.emit(tok, host[2][j][k], host[3][j][k], self.version, alt)
+                self.stats["tokens"] += 1
+                events.append(Event(seq.rid, seq.sample, tok, piece, seq.result() if seq.finish else None))
+                if seq.finish:
+                    finished.append(i)
                     break
-                if row.plain_greedy:                                      # argmax equality, no distributions
-                    if j == K or dl[i][j] != vargmax[i][j]:
-                        toks.append(vargmax[i][j])
-                        break
-                    toks.append(dl[i][j])
-                    a += 1
-                    if budget is not None:
-                        budget.observe(dl[i][j])
-                    continue
-                p = target_probs(vlogits[i, j], row.req.sampling, row.seen_tensor(toks))
-                if j == K:                                                # every draft accepted: bonus token
-                    toks.append(int(p.argmax()) if row.req.sampling.greedy else int(sample(p, row.generator)))
-                    break
-                d = int(drafts[i, j])
-                if row.req.sampling.greedy:
-                    ok = d == int(p.argmax())
-                else:
-                    qd = float(qs[j][i][d])
-                    ok = float(torch.rand((), generator=row.generator, device=p.device)) < min(1.0, float(p[d]) / qd)
-                if not ok:
-                    if row.req.sampling.greedy:
-                        toks.append(int(p.argmax()))
-                    else:
-                        resid = (p - qs[j][i]).clamp(min=0)
-                        resid = resid / resid.sum() if float(resid.sum()) > 0 else p
-                        toks.append(int(sample(resid, row.generator)))
-                    break
-                toks.append(d)
-                a += 1
-                if budget is not None:
-                    budget.observe(d)
-            chosen.append(toks)
-            counts.append(len(toks) - 1)
-            if not row.done:
-                for j in range(K):
-                    self.stats["drafted"][j] += 1 if j <= a else 0
-                    self.stats["accepted"][j] += 1 if j < a else 0
-        live = [c for c, r in zip(counts, rows) if not r.done]
-        n = min(live) if live else 0
-        return chosen, n
+        for i in sorted(finished, reverse=True):
+            if self.rows[i].error is not None:
+                for c in (self.cache, self.mtp_cache):
+                    if c is not None:                 # stale non-finite K/V must never reach a later occupant
+                        for k, v in c.kv.values():
+                            k[i].zero_()
+                            v[i].zero_()
+            self._remove_row(i)

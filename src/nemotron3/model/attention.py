@@ -3,8 +3,8 @@
 q, k, v = x Wq, x Wk, x Wv;  out = softmax(q k^T / sqrt(hd) + mask) v Wo, with num_key_value_heads KV heads each
 serving num_attention_heads / num_key_value_heads query heads (KV head j serves q heads j*n_rep .. j*n_rep+n_rep-1,
 as HF's repeat_kv). Order comes from the causal mask and the Mamba layers alone. No biases (HF ignores
-attention_bias too). With a HybridCache the new K/V are written into its static buffers at `pos` and attention
-reads [0, pos+L); padded prompt positions stay masked for every later token.
+attention_bias too). With a HybridCache, row r's new K/V are written at [pos[r], pos[r] + L) of its own buffer row
+and its queries see keys j <= pos[r] + i (and no padded position of an HF-style left-padded prefill).
 
 A query row that is itself padding sees only itself (so no row is all -inf); its output is never read.
 """
@@ -12,6 +12,17 @@ A query row that is itself padding sees only itself (so no row is all -inf); its
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def cached_attention_mask(pos: torch.Tensor, L: int, T: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """(b, 1, L, T) boolean: query i of row r (at position pos[r] + i) sees key j iff j <= pos[r] + i and j is not
+    padding; every query sees itself."""
+    q_pos = pos[:, None] + torch.arange(L, device=pos.device)                              # (b, L)
+    cols = torch.arange(T, device=pos.device)
+    keep = cols[None, None, :] <= q_pos[:, :, None]                                        # (b, L, T)
+    if valid is not None:
+        keep = (keep & valid[:, None, :T]) | (cols[None, None, :] == q_pos[:, :, None])
+    return keep[:, None]
 
 
 class Attention(nn.Module):
@@ -27,45 +38,56 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         self.dropout = config.attention_dropout
 
-    def forward(self, x, mask=None, kv=None, pos: int = 0):
-        """x: (b, L, d). mask: (b, L) key padding (0 = pad) of the new tokens, or None. kv: (k_cache, v_cache,
-        valid) of a HybridCache, each (b, nKV, T_max, hd) / (b, T_max), written at [pos, pos+L)."""
+    def _qkv(self, x):
         b, L, _ = x.shape
         q = self.q_proj(x).view(b, L, self.num_heads, self.head_dim).transpose(1, 2)       # (b, nH, L, hd)
         k = self.k_proj(x).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (b, nKV, L, hd)
         v = self.v_proj(x).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        valid = mask.bool() if mask is not None else None                                  # (b, L) or None
-        if kv is not None:     # valid_cache is None when no prompt row has padding (no mask needed, no sync)
-            k_cache, v_cache, valid_cache = kv
-            k_cache[:, :, pos:pos + L] = k
-            v_cache[:, :, pos:pos + L] = v
-            k, v = k_cache[:, :, :pos + L], v_cache[:, :, :pos + L]
-            valid = None if valid_cache is None else valid_cache[:, :pos + L]
-        attn_mask, is_causal = None, False
-        if valid is None and (pos == 0 or L == 1):
-            is_causal = L > 1                      # plain causal prefill, or one new token that sees everything
-        else:
-            rows = torch.arange(pos, pos + L, device=x.device)[:, None]
-            cols = torch.arange(pos + L, device=x.device)[None, :]
-            attn_mask = (cols <= rows)[None, None]                                         # (1, 1, L, T) causal
-            if valid is not None:
-                attn_mask = (attn_mask & valid[:, None, None, :]) | (cols == rows)[None, None]
+        return q, k, v
+
+    def _out(self, q, k, v, attn_mask=None, is_causal=False):
+        b, _, L, _ = q.shape
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
 
-    def step_static(self, x, k_cache, v_cache, valid, pos_t):
-        """One token at position pos_t (0-d tensor) with static shapes for torch.compile: write K/V with index_copy_,
-        attend over the whole buffer with positions > pos_t (and padding) masked out. Same result as forward."""
-        b = x.shape[0]
-        q = self.q_proj(x).view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)           # (b, nH, 1, hd)
-        k = self.k_proj(x).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        k_cache.index_copy_(2, pos_t.view(1), k)
-        v_cache.index_copy_(2, pos_t.view(1), v)
-        keep = torch.arange(k_cache.shape[2], device=x.device) <= pos_t                         # (T,)
-        keep = keep[None, None, None, :] if valid is None else (keep & valid)[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=keep,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, 1, self.num_heads * self.head_dim))
+    def forward(self, x, mask=None, kv=None, pos: torch.Tensor | None = None, span: tuple[int, int] | None = None):
+        """x: (b, L, d). mask: (b, L) key padding (0 = pad) of the new tokens, or None. kv: (k_cache, v_cache,
+        valid) of a HybridCache, each (b, nKV, T_max, hd) / (b, T_max); pos (b,) the rows' positions and span the
+        host-side (min, max) of pos (the caller reads it once per forward, so layers add no device syncs)."""
+        b, L, _ = x.shape
+        q, k, v = self._qkv(x)
+        if kv is None:
+            if mask is None:
+                return self._out(q, k, v, is_causal=L > 1)
+            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            eye = torch.eye(L, dtype=torch.bool, device=x.device)
+            return self._out(q, k, v, attn_mask=((causal & mask.bool()[:, None, :]) | eye)[:, None])
+        k_cache, v_cache, valid = kv
+        lo, hi = span
+        if lo == hi:                                      # every row at the same position: slice writes
+            k_cache[:, :, lo:lo + L] = k
+            v_cache[:, :, lo:lo + L] = v
+        else:                                             # row r writes at pos[r] .. pos[r] + L - 1
+            self._scatter_kv(k_cache, v_cache, k, v, pos)
+        T = hi + L
+        k, v = k_cache[:, :, :T], v_cache[:, :, :T]
+        if valid is None and lo == hi and (lo == 0 or L == 1):
+            return self._out(q, k, v, is_causal=L > 1)    # plain causal prefill, or one token that sees everything
+        return self._out(q, k, v, attn_mask=cached_attention_mask(pos, L, T, valid))
+
+    @staticmethod
+    def _scatter_kv(k_cache, v_cache, k, v, pos):
+        b, _, L, _ = k.shape
+        rows = torch.arange(b, device=k.device)[:, None].expand(b, L)                     # (b, L)
+        cols = pos[:, None] + torch.arange(L, device=k.device)                            # (b, L)
+        k_cache[rows, :, cols] = k.transpose(1, 2)                                         # (b, L, nKV, hd)
+        v_cache[rows, :, cols] = v.transpose(1, 2)
+
+    def step_static(self, x, k_cache, v_cache, valid, pos):
+        """L tokens per row at positions pos (b,) with static shapes for torch.compile: K/V written by index, the
+        whole buffer attended under the position mask (gpt-fast's scheme). Same result as forward."""
+        q, k, v = self._qkv(x)
+        self._scatter_kv(k_cache, v_cache, k, v, pos)
+        return self._out(q, k_cache, v_cache, attn_mask=cached_attention_mask(pos, x.shape[1], k_cache.shape[2], valid))

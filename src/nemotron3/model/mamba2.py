@@ -198,14 +198,15 @@ class Mamba2Mixer(nn.Module):
         lo, hi = self.time_step_limit
         return dt if (lo, hi) == (0.0, math.inf) else dt.clamp(lo, hi)      # softplus > 0 already
 
-    def _recurrent(self, xBC, dt_raw, conv_state, ssm_state, A, sdt, history):
+    def _recurrent(self, xBC, dt_raw, conv_state, ssm_state, A, sdt, keep_states: bool):
         """Token by token through the conv window and the SSM state (decode; speculative verification). With
-        `history` (a list), the (conv window, SSM state) after every token is appended, so that a speculative
-        verifier can keep the state of any accepted prefix (nemotron3_spec.md §2.5: vLLM/SGLang/Megatron do this)."""
+        keep_states, also returns the (conv window, SSM state) after every token, (b, L, K-1, C) and (b, L, H, P, N),
+        so that a speculative verifier can keep the state of any accepted prefix (vLLM / SGLang / Megatron do the
+        same: a Mamba state cannot be rolled back, only recorded)."""
         b, L, _ = xBC.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         w = self.conv1d.weight[:, 0]                                          # (conv_dim, K) depthwise taps
-        ys = []
+        ys, convs, ssms = [], [], []
         for t in range(L):
             window = torch.cat([conv_state, xBC[:, t:t + 1]], dim=1)         # (b, K, conv_dim)
             conv_state.copy_(window[:, 1:])
@@ -216,14 +217,17 @@ class Mamba2Mixer(nn.Module):
             x = x.view(b, H, P)
             y = ssd_step(x, self._dt(dt_raw[:, t], sdt), A, B.view(b, G, N), C.view(b, G, N), ssm_state)
             ys.append((y + self.D.to(sdt)[:, None] * x).view(b, 1, self.d_inner))
-            if history is not None:
-                history.append((conv_state.clone(), ssm_state.clone()))
-        return ys[0] if L == 1 else torch.cat(ys, dim=1)
+            if keep_states:
+                convs.append(conv_state.clone())
+                ssms.append(ssm_state.clone())
+        y = ys[0] if L == 1 else torch.cat(ys, dim=1)
+        return y, ((torch.stack(convs, 1), torch.stack(ssms, 1)) if keep_states else None)
 
-    def forward(self, hidden, mask=None, conv_state=None, ssm_state=None, history=None):
+    def forward(self, hidden, mask=None, conv_state=None, ssm_state=None, keep_states: bool = False):
         """hidden: (b, L, d). mask: (b, L) with 0 at padding, or None. conv_state (b, K-1, conv_dim) and ssm_state
         (b, H, P, N) float32 are a cache's tensors, updated in place; None means start from zeros, keep nothing.
-        history: a list to receive the states after every token (then the L tokens run step by step)."""
+        keep_states=True (with a cache, no padding): the L tokens run step by step and the result is
+        (output, (conv states, SSM states) after every token) for a speculative verifier's rollback."""
         b, L, _ = hidden.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
         if mask is not None:     # padded positions carry nothing (as HF: zero the input and the conv output)
@@ -233,8 +237,11 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.to(sdt))                                    # (H,)  A < 0 keeps the state stable
 
         w = self.conv1d.weight[:, 0]                                          # (conv_dim, K) depthwise taps
-        if ssm_state is not None and (L == 1 or (history is not None and mask is None)):   # decode / verify
-            y = self._recurrent(xBC, dt_raw, conv_state, ssm_state, A, sdt, history)
+        states = None
+        if ssm_state is not None and (L == 1 or keep_states):                # decode / verify
+            if keep_states and mask is not None:
+                raise ValueError("keep_states needs unpadded inputs (a verify pass has no padding).")
+            y, states = self._recurrent(xBC, dt_raw, conv_state, ssm_state, A, sdt, keep_states)
         else:
             if mask is not None:    # zero padded conv inputs too, so a padded row equals the row alone even with
                 xBC = xBC * mask[:, :, None].to(xBC.dtype)      # use_bias (HF lets in_proj's bias leak into the conv)
@@ -257,4 +264,5 @@ class Mamba2Mixer(nn.Module):
                 ssm_state.copy_(final)
             y = (y + self.D.to(sdt)[:, None] * x).reshape(b, L, self.d_inner)
         y = self.norm(y, z)                                                   # gate before the grouped RMS
-        return self.out_proj(y.to(hidden.dtype))
+        out = self.out_proj(y.to(hidden.dtype))
+        return (out, states) if keep_states else out

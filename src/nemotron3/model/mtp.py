@@ -41,14 +41,30 @@ class MultiTokenPrediction(nn.Module):
         blk = min(depth - 1, self.num_blocks - 1)
         return self.layers[blk * len(self.pattern):(blk + 1) * len(self.pattern)]
 
-    def step(self, depth: int, h_prev: torch.Tensor, e_next: torch.Tensor, mask=None, cache=None, pos: int = 0):
-        """One depth: h^{k-1} (b, L, d) and Embed(x_{t+k}) (b, L, d) -> h^k (b, L, d), final-normed."""
+    def step(self, depth: int, h_prev: torch.Tensor, e_next: torch.Tensor, mask=None, cache=None, pos=None,
+             span=None, mamba_states=None):
+        """One depth: h^{k-1} (b, L, d) and Embed(x_{t+k}) (b, L, d) -> h^k (b, L, d), final-normed. With a cache
+        (positions pos, host span as in Block.forward) the block continues the cached sequence."""
         layers = self.block_layers(depth)
-        first = layers[0]
-        u = first.eh_proj(torch.cat([first.enorm(e_next), first.hnorm(h_prev)], dim=-1))
+        u = self._project(layers[0], h_prev, e_next)
         for layer in layers:
-            u = layer(u, mask, cache, pos)
+            u = layer(u, mask, cache, pos, span, mamba_states)
         return layers[-1].final_layernorm(u)
+
+    def step_static(self, depth: int, h_prev: torch.Tensor, e_next: torch.Tensor, states: dict, pos: torch.Tensor,
+                    mamba_states: dict | None = None) -> torch.Tensor:
+        """step() for a few tokens per row at positions pos (b,) with static shapes (Block.step), for
+        torch.compile; states maps a layer index to its HybridCache.layer_state."""
+        layers = self.block_layers(depth)
+        u = self._project(layers[0], h_prev, e_next)
+        for layer in layers:
+            u = layer.step(u, states[layer.layer_idx], pos, mamba_states)
+        return layers[-1].final_layernorm(u)
+
+    @staticmethod
+    def _project(first, h_prev, e_next):
+        """eh_proj([enorm(Embed(x_{t+k})) ; hnorm(h^{k-1}_t)]): 2d -> d, the embedding half first."""
+        return first.eh_proj(torch.cat([first.enorm(e_next), first.hnorm(h_prev)], dim=-1))
 
     def forward(self, h_main: torch.Tensor, input_ids: torch.Tensor, embed: nn.Embedding, depths: int, mask=None):
         """Hidden states of depths 1..depths over a whole sequence (training / teacher forcing)."""

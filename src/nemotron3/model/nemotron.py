@@ -1,5 +1,5 @@
 """The hybrid Nemotron-H / Nemotron 3 model: pre-norm residual blocks (one mixer each) from `layers_block_type`,
-final norm, LM head, optional MTP heads, and a minimal cached `generate`.
+final norm, LM head, optional MTP heads, and the cached forward that generation builds on.
 
     h_0 = Embed(ids);   h_i = h_{i-1} + Mixer_i(RMSNorm_i(h_{i-1}));   logits = lm_head(norm_f(h_n))
 Mixers: Mamba-2 ('M', linear_attention), GQA without RoPE ('*', full_attention), MoE / LatentMoE ('E'), relu² MLP
@@ -7,7 +7,8 @@ Mixers: Mamba-2 ('M', linear_attention), GQA without RoPE ('*', full_attention),
 lm_head), so loading needs only the expert-layout map in checkpoint.py. Logits come back in float32.
 
 Left to other parts of the package: the training losses (train/), quantized linears swapped in from outside
-(quant/), the full inference engine with speculative decoding and budgets (infer/).
+(quant/), every generation loop (infer/: the engine; `model.generate` is infer.generate, attached to this class by
+the package's __init__ so that this file imports nothing from infer/).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class NemotronOutput:
     accuracy: torch.Tensor | None = None               # its top-1 accuracy
     mtp_losses: list[torch.Tensor] = field(default_factory=list)      # per MTP depth k: CE against token t+k+1
     mtp_accuracies: list[torch.Tensor] = field(default_factory=list)
+    mamba_states: dict = field(default_factory=dict)    # keep_mamba_states: layer -> states after every token
 
 
 def shifted_targets(labels: torch.Tensor, mask: torch.Tensor | None, shift: int) -> torch.Tensor:
@@ -72,28 +74,36 @@ class Block(nn.Module):
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
 
-    def forward(self, h, mask=None, cache: HybridCache | None = None, pos: int = 0):
+    def forward(self, h, mask=None, cache: HybridCache | None = None, pos=None, span=None,
+                mamba_states: dict | None = None):
+        """h (b, L, d). With a cache: pos (b,) the rows' positions, span the host-side (min, max) of pos. A dict
+        `mamba_states` asks Mamba layers to run token by token and store their states after every token in it
+        (layer index -> (conv (b, L, K-1, C), ssm (b, L, H, P, N))), for a speculative verifier."""
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "linear_attention":
             states = (cache.conv[self.layer_idx], cache.ssm[self.layer_idx]) if cache is not None else ()
-            history = cache.history.setdefault(self.layer_idx, []) if cache is not None and cache.history is not None \
-                else None
-            x = self.mixer(x, mask if x.shape[1] > 1 else None, *states, history=history)
+            if mamba_states is not None and cache is not None:
+                x, mamba_states[self.layer_idx] = self.mixer(x, None, *states, keep_states=True)
+            else:
+                x = self.mixer(x, mask if x.shape[1] > 1 else None, *states)
         elif self.kind == "full_attention":
-            x = self.mixer(x, mask, cache.attention_kv(self.layer_idx) if cache is not None else None, pos)
+            x = self.mixer(x, mask, cache.layer_state(self.layer_idx) if cache is not None else None, pos, span)
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
         return residual + x
 
-    def step(self, h, state: tuple, pos_t: torch.Tensor):
-        """One token, tensors only, static shapes (what compile_decode compiles). state is this layer's
-        HybridCache.layer_state: (conv, ssm) for Mamba, (k, v, valid) for attention, () otherwise."""
+    def step(self, h, state: tuple, pos: torch.Tensor, mamba_states: dict | None = None):
+        """L tokens per row at positions pos (b,), tensors only, static shapes (what compile_decode compiles).
+        state is this layer's HybridCache.layer_state: (conv, ssm) for Mamba, (k, v, valid) for attention, ()."""
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "linear_attention":
-            x = self.mixer(x, None, *state)
+            if mamba_states is not None:
+                x, mamba_states[self.layer_idx] = self.mixer(x, None, *state, keep_states=True)
+            else:
+                x = self.mixer(x, None, *state)
         elif self.kind == "full_attention":
-            x = self.mixer.step_static(x, *state, pos_t)
+            x = self.mixer.step_static(x, *state, pos)
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
@@ -109,10 +119,10 @@ class NemotronModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
-    def forward(self, input_ids, mask=None, cache=None, pos: int = 0):
+    def forward(self, input_ids, mask=None, cache=None, pos=None, span=None, mamba_states=None):
         h = self.embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, mask, cache, pos)
+            h = layer(h, mask, cache, pos, span, mamba_states)
         return self.norm_f(h)
 
 
@@ -131,7 +141,7 @@ class NemotronForCausalLM(nn.Module):
             self._rescale_mamba_out_proj()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
-        self._compiled_decode = None
+        self._compiled_decode = self._compiled_mtp = None
 
     # ---- initialisation, as transformers' NemotronHPreTrainedModel._init_weights ----
     def _init_weights(self, module):
@@ -171,15 +181,17 @@ class NemotronForCausalLM(nn.Module):
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: HybridCache | None = None, *, labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                mtp_depths: int = 0, return_router: bool = False) -> NemotronOutput:
-        """input_ids (b, L). attention_mask (b, L), or (b, cache.pos + L) as HF generate passes it; 1 = token,
-        0 = left padding. With `cache`, the tokens continue the cached sequence and the cache is advanced.
-        logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D also returns the
-        MTP logits of depths 1..D (teacher-forced on input_ids). labels (b, L), as in HF (the inputs themselves;
-        shifted here, -100 ignored), adds .loss and .accuracy (and with mtp_depths, .mtp_losses / .mtp_accuracies
-        per depth), computed fused with the LM head (loss.py) without materialising logits: then .logits and
-        .mtp_logits stay empty unless logits_to_keep asks for some. Combining them (L + lambda/D sum L_k) is the
-        trainer's choice."""
+                mtp_depths: int = 0, return_router: bool = False, keep_mamba_states: bool = False) -> NemotronOutput:
+        """input_ids (b, L). attention_mask (b, L), or (b, cached + L) as HF generate passes it; 1 = token,
+        0 = left padding. With `cache`, row r's tokens continue its cached sequence at position cache.pos[r] and the
+        cache is advanced. logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D
+        also returns the MTP logits of depths 1..D (teacher-forced on input_ids). labels (b, L), as in HF (the inputs
+        themselves; shifted here, -100 ignored), adds .loss and .accuracy (and with mtp_depths, .mtp_losses /
+        .mtp_accuracies per depth), computed fused with the LM head (loss.py) without materialising logits: then
+        .logits and .mtp_logits stay empty unless logits_to_keep asks for some. Combining them (L + lambda/D sum
+        L_k) is the trainer's choice. keep_mamba_states=True (with a cache): Mamba layers run token by token and
+        .mamba_states holds their states after every token, so a speculative verifier can keep any prefix
+        (HybridCache.keep_prefix)."""
         b, L = self._check_inputs(input_ids, cache)
         mask = self._new_token_mask(attention_mask, b, L)
         if labels is not None and labels.shape != input_ids.shape:
@@ -187,25 +199,30 @@ class NemotronForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)} (pass the input ids; they are shifted here).")
         if mtp_depths and self.mtp is None:
             raise ValueError("mtp_depths > 0 but this model has no MTP heads (num_nextn_predict_layers=0).")
-        pos = 0
+        if keep_mamba_states and (cache is None or mask is not None):
+            raise ValueError("keep_mamba_states needs a cache and unpadded input_ids (it serves speculative "
+                             "verification).")
+        pos = span = None
         if cache is not None:
-            pos = cache.pos
-            cache.record_padding(mask, L)
-        if (self._compiled_decode is not None and cache is not None and L == 1 and labels is None
-                and not mtp_depths and not return_router and logits_to_keep in (0, 1)):
-            logits, h = self._compiled_decode(input_ids, torch.tensor(pos, device=input_ids.device),
-                                              [cache.layer_state(i) for i in range(self.config.num_hidden_layers)])
-            cache.pos += 1
-            return NemotronOutput(logits=logits, hidden_states=h)
-
+            pos = cache.reserve(L, mask)
+            if (self._compiled_decode is not None and L <= self.COMPILED_MAX_TOKENS and mask is None
+                    and cache.valid is None and labels is None and not mtp_depths and not return_router
+                    and logits_to_keep in (0, L)):
+                states = [cache.layer_state(i) for i in range(self.config.num_hidden_layers)]
+                logits, h, mamba = self._compiled_decode(input_ids, pos, states, keep_mamba_states)
+                cache.advance(L)
+                return NemotronOutput(logits=logits, hidden_states=h, mamba_states=mamba)
+            lo, hi = pos.aminmax()
+            span = (int(lo), int(hi))                                               # one host sync per forward
         moe_layers = [m for m in self.modules() if isinstance(m, MoE)] if return_router else []
         for m in moe_layers:
             m.record_router = True
         try:
-            h = self.backbone(input_ids, mask, cache, pos)
+            mamba_states = {} if keep_mamba_states else None
+            h = self.backbone(input_ids, mask, cache, pos, span, mamba_states)
             if cache is not None:
-                cache.pos += L
-            out = NemotronOutput(logits=None, hidden_states=h)
+                cache.advance(L)
+            out = NemotronOutput(logits=None, hidden_states=h, mamba_states=mamba_states or {})
             if labels is not None:
                 out.loss, out.accuracy = fused_linear_cross_entropy(h, self.lm_head.weight,
                                                                     shifted_targets(labels, mask, 1))
@@ -257,100 +274,69 @@ class NemotronForCausalLM(nn.Module):
             raise ValueError(f"the cache was allocated for batch {cache.batch_size}, input_ids has batch {b}.")
         return b, L
 
-    def decode_step(self, ids: torch.Tensor, pos_t: torch.Tensor, states: list[tuple]):
-        """One token per row at position pos_t (0-d tensor) with static shapes: attention reads its whole KV buffer
-        under a position mask (gpt-fast's scheme), so the step is one graph that compile_decode compiles once.
-        Returns (logits (b, 1, V) float32, hidden (b, 1, d)); the caller advances the cache."""
+    COMPILED_MAX_TOKENS = 8     # forward() uses the compiled step for up to this many tokens per row (verify passes)
+
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, states: list[tuple], keep_mamba_states: bool = False):
+        """L (small) tokens per row at positions pos (b,) with static shapes: attention reads its whole KV buffer
+        under a position mask (gpt-fast's scheme), Mamba layers step token by token, so the step is one graph that
+        compile_decode compiles once per (batch, L, cache size). Returns (logits (b, L, V) float32, hidden (b, L, d),
+        Mamba states after every token or {}); the caller advances the cache."""
         h = self.backbone.embeddings(ids)
+        mamba_states = {} if keep_mamba_states else None
         for layer, state in zip(self.backbone.layers, states):
-            h = layer.step(h, state, pos_t)
+            h = layer.step(h, state, pos, mamba_states)
         h = self.backbone.norm_f(h)
-        return self.lm_head(h).float(), h
+        return self.lm_head(h).float(), h, mamba_states or {}
 
     def compile_decode(self, enable: bool = True) -> "NemotronForCausalLM":
-        """torch.compile decode_step (one graph per batch size, cache size and padding; a few seconds): fuses the
-        step's hundreds of small ops. forward() then uses it for every one-token step with a cache. Measured in
-        bench/model_speed.py. Idempotent; enable=False goes back to eager. Returns self."""
+        """torch.compile decode_step (one graph per batch size, token count, cache size; a few seconds each): fuses
+        the step's hundreds of small ops. forward() then uses it for every cached call of up to COMPILED_MAX_TOKENS
+        unpadded tokens (decode steps and speculative verify passes), and mtp_step its MTP twin (drafting).
+        Idempotent; enable=False goes back to eager.
+        Returns self."""
         if not enable:
-            self._compiled_decode = None
+            self._compiled_decode = self._compiled_mtp = None
         elif self._compiled_decode is None:
             self._compiled_decode = torch.compile(self.decode_step, dynamic=False)
+            self._compiled_mtp = torch.compile(self.mtp_decode_step, dynamic=False) if self.mtp is not None else None
         return self
 
     @property
     def decode_is_compiled(self) -> bool:
         return self._compiled_decode is not None
 
-    # ---- generation (minimal; the engine with speculative decoding lives in infer/) ----
-    def new_cache(self, batch_size: int, max_len: int, include_mtp: bool = False) -> HybridCache:
+    # ---- caches for generation (the generation loop itself is nemotron3.infer's engine) ----
+    def new_cache(self, batch_size: int, max_len: int, include_mtp: bool = False, include_main: bool = True
+                  ) -> HybridCache:
         p = self.lm_head.weight
-        return HybridCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype, include_mtp=include_mtp)
+        return HybridCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype, include_mtp=include_mtp,
+                           include_main=include_main)
 
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, attention_mask=None,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 seed: int | None = None, compile: bool = False, num_speculative_tokens: int = 0,
-                 min_p: float = 0.0, repetition_penalty: float = 1.0) -> torch.Tensor:
-        """Prefill then one cached step per token. Returns (b, prompt + new) ids like HF generate; rows that hit
-        eos are padded with eos afterwards. Prompts of different lengths: left-pad and pass attention_mask.
-        compile=True compiles the decode step first (see compile_decode). num_speculative_tokens=K > 0 drafts K
-        tokens per step with the MTP heads and verifies them in one pass (greedy output is identical; sampling keeps
-        the model's distribution); it, min_p and repetition_penalty run through nemotron3.infer.Engine."""
-        from .sampling import sample_next_token, check_sampling_args
-        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-        b, L = self._check_inputs(input_ids, None)
-        if num_speculative_tokens or min_p or repetition_penalty != 1.0:
-            return self._generate_with_engine(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                              top_k, top_p, min_p, repetition_penalty, eos_token_id, seed,
-                                              num_speculative_tokens)
-        if L + max_new_tokens > self.config.max_position_embeddings:
-            raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}; shorten the prompt or ask for fewer tokens.")
-        if compile:
-            self.compile_decode()
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        max_len = L + max_new_tokens
-        if self._compiled_decode is not None:   # power-of-two cache lengths, so the compiled step is reused, not
-            max_len = min(max(256, 1 << (max_len - 1).bit_length()), max(max_len, self.config.max_position_embeddings))
-        cache = self.new_cache(b, max_len)      # recompiled, across calls with other lengths
-        logits = self(input_ids, attention_mask, cache, logits_to_keep=1).logits[:, -1]
-        out = torch.empty(b, max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        eos_t = torch.tensor(sorted(eos), device=input_ids.device) if eos else None
-        n = 0
-        for n in range(max_new_tokens):
-            nxt = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
-            if eos_t is not None:
-                nxt = torch.where(done, eos_t[0], nxt)
-                done |= torch.isin(nxt, eos_t)
-            out[:, n] = nxt
-            if n + 1 == max_new_tokens or (eos_t is not None and bool(done.all())):
-                break
-            logits = self(nxt[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
-        return torch.cat([input_ids, out[:, :n + 1]], dim=1)
+    def mtp_step(self, depth: int, h: torch.Tensor, next_ids: torch.Tensor, cache: HybridCache,
+                 keep_mamba_states: bool = False) -> tuple[torch.Tensor, dict]:
+        """MTP depth `depth` over L positions per row continuing `cache` (an include_mtp cache): h (b, L, d) the
+        previous depth's hidden states (the main model's for depth 1), next_ids (b, L) the token after each
+        position. Returns (h^depth (b, L, d), Mamba states after every token if asked) and advances the cache.
+        What drafts speculative tokens (logits = lm_head(h^depth))."""
+        b, L = next_ids.shape
+        pos = cache.reserve(L)
+        if self._compiled_mtp is not None and L <= self.COMPILED_MAX_TOKENS and cache.valid is None:
+            states = {i: cache.layer_state(i) for i in (*cache.kv, *cache.ssm)}
+            out, mamba_states = self._compiled_mtp(depth, h, next_ids, pos, states, keep_mamba_states)
+        else:
+            lo, hi = pos.aminmax()
+            mamba_states = {} if keep_mamba_states else None
+            out = self.mtp.step(depth, h, self.backbone.embeddings(next_ids), None, cache, pos, (int(lo), int(hi)),
+                                mamba_states)
+        cache.advance(L)
+        return out, mamba_states or {}
 
-    def _generate_with_engine(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                              min_p, repetition_penalty, eos_token_id, seed, num_speculative_tokens):
-        from ..infer import Engine, Request, SamplingParams
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-        reqs = []
-        for i, row in enumerate(input_ids.tolist()):
-            if attention_mask is not None:
-                row = [t for t, m in zip(row, attention_mask[i, -len(row):].tolist()) if m]
-            params = SamplingParams(temperature if do_sample else 0.0, top_k or 0, top_p or 1.0, min_p,
-                                    repetition_penalty, None if seed is None else seed + i)
-            reqs.append(Request(row, max_new_tokens, params, stop_token_ids=eos))
-        results = Engine(self, None, num_speculative_tokens).generate(reqs)
-        n = max(len(r.token_ids) + (r.finish_reason == "stop") for r in results)
-        pad = eos[0] if eos else 0
-        out = torch.full((len(results), n), pad, dtype=input_ids.dtype, device=input_ids.device)
-        for i, r in enumerate(results):
-            out[i, :len(r.token_ids)] = torch.tensor(r.token_ids, dtype=input_ids.dtype)
-        return torch.cat([input_ids, out], dim=1)
+    def mtp_decode_step(self, depth: int, h: torch.Tensor, next_ids: torch.Tensor, pos: torch.Tensor, states: dict,
+                        keep_mamba_states: bool = False):
+        """mtp_step's static-shape body (what compile_decode compiles for drafting)."""
+        mamba_states = {} if keep_mamba_states else None
+        out = self.mtp.step_static(depth, h, self.backbone.embeddings(next_ids), states, pos, mamba_states)
+        return out, mamba_states or {}
 
     # ---- checkpoints ----
     @classmethod

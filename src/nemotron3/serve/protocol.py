@@ -21,31 +21,26 @@ class RequestError(ValueError):
         self.param = param
 
 
-def _num(body, name, default, lo=None, hi=None, integer=False, lo_open=False):
+def _num(body, name, default, lo=None, hi=None, integer=False):
     v = body.get(name, default)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         raise RequestError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r}.", name)
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise RequestError(f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {v}.", name)
+    if lo is not None and v < lo:
+        raise RequestError(f"'{name}' must be >= {lo}, got {v}.", name)
     if hi is not None and v > hi:
         raise RequestError(f"'{name}' must be <= {hi}, got {v}.", name)
     return v
 
 
 def _common(body, prompt_ids, thinking, context, logprobs):
+    """The engine Request for a chat or completion body. Ranges are the engine's to check (SamplingParams and
+    Engine.check, the one validation of each argument); here only types, and OpenAI's own limits on n / stop."""
     max_tokens = _num(body, "max_completion_tokens", None, 1, integer=True)
     max_tokens = _num(body, "max_tokens", max_tokens, 1, integer=True)
-    room = context - len(prompt_ids)
-    if room < 1:
-        raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context is {context}. Shorten it.",
-                           "messages")
     if max_tokens is None:
-        max_tokens = min(room, 1024)
-    if len(prompt_ids) + max_tokens > context:
-        raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of "
-                           f"{context} tokens; lower max_tokens or shorten the prompt.", "max_tokens")
+        max_tokens = max(1, min(context - len(prompt_ids), 1024))
     n = _num(body, "n", 1, 1, 16, integer=True)
     stop = body.get("stop")
     if stop is None:
@@ -54,16 +49,14 @@ def _common(body, prompt_ids, thinking, context, logprobs):
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)) or len(stop) > 8:
         raise RequestError("'stop' must be a non-empty string or a list of up to 8 of them.", "stop")
-    seed = _num(body, "seed", None, integer=True)
+    top_k = _num(body, "top_k", 0, integer=True)
+    values = dict(temperature=_num(body, "temperature", 1.0), top_k=0 if top_k == -1 else top_k,
+                  top_p=_num(body, "top_p", 1.0), min_p=_num(body, "min_p", 0.0),
+                  repetition_penalty=_num(body, "repetition_penalty", 1.0), seed=_num(body, "seed", None, integer=True))
     try:
-        sampling = [SamplingParams(temperature=_num(body, "temperature", 1.0, 0, 2),
-                                   top_k=_num(body, "top_k", 0, 0, integer=True) if body.get("top_k") != -1 else 0,
-                                   top_p=_num(body, "top_p", 1.0, 0, 1, lo_open=True),
-                                   min_p=_num(body, "min_p", 0.0, 0, 0.999),
-                                   repetition_penalty=_num(body, "repetition_penalty", 1.0, 0, lo_open=True),
-                                   seed=None if seed is None else seed + i) for i in range(n)]
-    except ValueError as e:
-        raise RequestError(str(e)) from None
+        sampling = SamplingParams(**values)
+    except ValueError as e:                                   # the message starts with the field's name
+        raise RequestError(str(e), str(e).split("=", 1)[0]) from None
     budget = _num(body, "max_thinking_tokens", None, 0, integer=True)
     budget = _num(body, "reasoning_budget", budget, 0, integer=True)
     stream = body.get("stream", False)
@@ -72,9 +65,9 @@ def _common(body, prompt_ids, thinking, context, logprobs):
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise RequestError("'stream_options' must be an object.", "stream_options")
-    reqs = [Request(list(prompt_ids), max_tokens, sp, stop=stop, logprobs=logprobs, thinking=thinking,
-                    reasoning_budget=budget if thinking else None) for sp in sampling]
-    return dict(requests=reqs, stream=stream, include_usage=bool(opts.get("include_usage")), logprobs=logprobs)
+    req = Request(list(prompt_ids), max_tokens, sampling, stop=stop, logprobs=logprobs, thinking=thinking,
+                  reasoning_budget=budget if thinking else None, n=n)
+    return dict(request=req, stream=stream, include_usage=bool(opts.get("include_usage")), logprobs=logprobs)
 
 
 def _text(content, i):
