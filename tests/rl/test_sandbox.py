@@ -3,6 +3,7 @@
 the same program succeeding unsandboxed, so the contained outcome is the sandbox's doing."""
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -14,12 +15,13 @@ from nemotron3.rl.sandbox import SandboxUnavailable, run_python
 
 
 def _sandbox_processes():
-    """Host pids still owned by a sandbox uid."""
+    """Host pids owned by a sandbox uid that are not zombies (a zombie is dead, waiting for its reaper)."""
     left = []
     for pid in os.listdir("/proc"):
         try:
             if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid >= sandbox._UID_BASE:
-                left.append(int(pid))
+                state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+                left += [int(pid)] if state != "Z" else []
         except OSError:
             pass
     return left
@@ -121,12 +123,22 @@ def test_killing_the_parent_or_a_host_process_fails():
         sentinel.wait()
 
 
-def test_missing_bubblewrap_is_a_clear_error_unless_opted_out(monkeypatch):
-    monkeypatch.setattr(sandbox, "_bwrap_checked", None)
-    monkeypatch.setenv("PATH", "/nonexistent")
+def test_missing_bubblewrap_is_a_clear_error_unless_opted_out(monkeypatch, tmp_path):
+    (tmp_path / "prlimit").symlink_to(shutil.which("prlimit"))          # a machine with util-linux, no bubblewrap
+    monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
         run_python("print(1)")
     with pytest.raises(ValueError, match="isolation='docker' is unknown"):
         run_python("print(1)", isolation="docker")
     monkeypatch.setenv("NEMOTRON3_SANDBOX", "none")
     assert run_python("print(1)").stdout == "1\n"                          # explicit opt-out works without bwrap
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SandboxUnavailable, match=r"needs `prlimit` \(package util-linux\)"):
+        run_python("print(1)")
+
+
+def test_concurrent_runs_from_threads_are_independent():
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: run_python(f"print({i} * {i})"), range(8)))
+    assert [r.stdout for r in results] == [f"{i * i}\n" for i in range(8)]

@@ -43,6 +43,7 @@ _INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap
                  " (unsafe: model-written code then reaches the network and the file system)")
 _UID_BASE = 1_200_000_000          # fresh uids for sandboxed runs: far above any real account
 _uid_counter = itertools.count()
+_PATH = "/usr/bin:/bin"                      # the only PATH the sandboxed processes get
 
 
 class SandboxUnavailable(RuntimeError):
@@ -67,8 +68,7 @@ def run_python(code: str, *, stdin: str = "", timeout_s: float = 5.0, memory_mb:
     isolation = isolation or os.environ.get("NEMOTRON3_SANDBOX", "bwrap")
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation={isolation!r} is unknown; use one of {ISOLATIONS} (NEMOTRON3_SANDBOX too).")
-    if isolation == "bwrap":
-        _check_bwrap()
+    tools = _find_tools(isolation)
     is_root = os.geteuid() == 0
     uid = _UID_BASE + (os.getpid() % 100_000) * 1000 + next(_uid_counter) % 1000 if is_root else None
     host_dir = tempfile.mkdtemp(prefix="nemotron3-sandbox-")
@@ -79,7 +79,7 @@ def run_python(code: str, *, stdin: str = "", timeout_s: float = 5.0, memory_mb:
         os.chmod(os.path.join(host_dir, "main.py"), 0o644)                # readable by the fresh uid
         python = os.path.realpath(sys.executable)
         if isolation == "bwrap":
-            argv = _bwrap_argv(host_dir, python, uid, max_file_mb)
+            argv = _bwrap_argv(tools, host_dir, python, uid, max_file_mb)
             cwd = "/"
         else:
             argv = [python, "-I", "-S", os.path.join(host_dir, "main.py")]
@@ -88,35 +88,41 @@ def run_python(code: str, *, stdin: str = "", timeout_s: float = 5.0, memory_mb:
             uid = None                      # the caller's interpreter may not be readable by a fresh uid
         limits = dict(cpu_s=math.ceil(timeout_s) + 1, memory_mb=memory_mb, max_processes=max_processes,
                       max_file_mb=max_file_mb)
-        return _supervise(argv, cwd, stdin, timeout_s, max_output_bytes, memory_mb, limits, uid)
+        return _supervise([tools["prlimit"], *_prlimit_args(**limits), *argv], cwd, stdin, timeout_s,
+                          max_output_bytes, memory_mb, uid, tools.get("setpriv"))
     finally:
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
-_bwrap_checked: str | None = None
+_bwrap_works: set[str] = set()
 
 
-def _check_bwrap() -> None:
-    """Fail loudly, once per process, when bubblewrap is missing or cannot create namespaces here."""
-    global _bwrap_checked
-    if _bwrap_checked == "ok":
-        return
-    if shutil.which("bwrap") is None:
-        raise SandboxUnavailable(f"the code sandbox needs bubblewrap (`bwrap` is not on PATH): {_INSTALL_HINT}.")
-    if os.geteuid() == 0 and shutil.which("setpriv") is None:
-        raise SandboxUnavailable(f"running as root, the sandbox drops to a fresh uid with `setpriv` (util-linux), "
-                                 f"which is not on PATH: {_INSTALL_HINT}.")
-    probe = subprocess.run(["bwrap", "--unshare-net", "--unshare-pid", "--ro-bind", "/", "/", "true"],
-                           capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        raise SandboxUnavailable(f"bubblewrap cannot create namespaces here ({probe.stderr.strip()}); allow user "
-                                 f"namespaces (sysctl kernel.unprivileged_userns_clone=1) or run as root, or "
-                                 f"{_INSTALL_HINT.split(', or ', 1)[1]}.")
-    _bwrap_checked = "ok"
+def _find_tools(isolation: str) -> dict[str, str]:
+    """Absolute paths of the OS tools a run needs (found on PATH); SandboxUnavailable naming the package if one is
+    missing or bubblewrap cannot create namespaces here (probed once per bwrap binary)."""
+    needed = ["prlimit"]
+    if isolation == "bwrap":
+        needed += ["bwrap", "setpriv"] if os.geteuid() == 0 else ["bwrap"]
+    tools = {}
+    for name in needed:
+        if (path := shutil.which(name)) is None:
+            package = "bubblewrap" if name == "bwrap" else "util-linux"
+            raise SandboxUnavailable(f"the code sandbox needs `{name}` (package {package}), which is not on PATH: "
+                                     f"{_INSTALL_HINT}.")
+        tools[name] = path
+    if "bwrap" in tools and tools["bwrap"] not in _bwrap_works:
+        probe = subprocess.run([tools["bwrap"], "--unshare-net", "--unshare-pid", "--ro-bind", "/", "/", "true"],
+                               capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:
+            raise SandboxUnavailable(f"bubblewrap cannot create namespaces here ({probe.stderr.strip()}); allow "
+                                     f"user namespaces (sysctl kernel.unprivileged_userns_clone=1) or run as root, "
+                                     f"or {_INSTALL_HINT.split(', or ', 1)[1]}.")
+        _bwrap_works.add(tools["bwrap"])
+    return tools
 
 
-def _bwrap_argv(host_dir: str, python: str, uid: int | None, max_file_mb: int) -> list[str]:
-    argv = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+def _bwrap_argv(tools: dict[str, str], host_dir: str, python: str, uid: int | None, max_file_mb: int) -> list[str]:
+    argv = [tools["bwrap"], "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--clearenv", "--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
         if os.path.islink(top):
@@ -135,41 +141,38 @@ def _bwrap_argv(host_dir: str, python: str, uid: int | None, max_file_mb: int) -
         return argv + ["--", python, "-I", "-S", "/sandbox/main.py"]
     # root: bwrap keeps just enough capability to switch to the fresh uid, which setpriv does before exec
     argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP", "--",
-             "/usr/bin/setpriv" if os.path.exists("/usr/bin/setpriv") else shutil.which("setpriv"),
+             tools["setpriv"],
              f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
     return argv + [python, "-I", "-S", "/sandbox/main.py"]
 
 
-def _limit_child(cpu_s: int, memory_mb: int, max_processes: int, max_file_mb: int):
-    """preexec_fn: runs in the forked child before exec (its own session, hence its own process group)."""
-    def apply():
-        os.setsid()
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_mb << 20, max_file_mb << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        # RLIMIT_NPROC counts the processes of the real uid: the fresh uid's own count as root, else the caller's
-        nproc = max_processes if os.geteuid() == 0 else _count_own_processes() + max_processes
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    return apply
+def _prlimit_args(cpu_s: int, memory_mb: int, max_processes: int, max_file_mb: int) -> list[str]:
+    """util-linux prlimit sets the rlimits and execs the rest: no preexec_fn, which is unsafe in a threaded caller
+    (a rollout scoring from a thread pool)."""
+    # RLIMIT_NPROC counts the processes of the real uid: the fresh uid's own count as root, else the caller's
+    nproc = max_processes if os.geteuid() == 0 else len(_pids_of(os.getuid())) + max_processes
+    return [f"--cpu={cpu_s}:{cpu_s + 1}", f"--as={memory_mb << 20}", f"--fsize={max_file_mb << 20}",
+            "--nofile=64", "--core=0", f"--nproc={nproc}", "--"]
 
 
-def _count_own_processes() -> int:
-    me = os.getuid()
-    n = 0
-    for pid in os.listdir("/proc"):
+def _pids_of(uid: int) -> list[int]:
+    """Processes of uid that still run (zombies, dead and waiting to be reaped, do not count), from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
         try:
-            n += pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == me
-        except OSError:
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        pids.append(int(entry))
+        except (OSError, IndexError):
             pass
-    return n
+    return pids
 
 
-def _supervise(argv, cwd, stdin, timeout_s, max_output_bytes, memory_mb, limits, uid) -> SandboxResult:
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=_limit_child(**limits), close_fds=True)
+def _supervise(argv, cwd, stdin, timeout_s, max_output_bytes, memory_mb, uid, setpriv) -> SandboxResult:
+    env = {"PATH": _PATH, "LANG": "C.UTF-8"}
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
     out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -208,14 +211,14 @@ def _supervise(argv, cwd, stdin, timeout_s, max_output_bytes, memory_mb, limits,
             reason = f"output exceeded {max_output_bytes} bytes"
             break
     if reason:
-        _kill(proc, uid)
+        _kill(proc, uid, setpriv)
     try:
         status = proc.wait(timeout=max(0.5, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:                                    # streams closed, process lingering
         reason = f"timeout after {timeout_s} s"
-        _kill(proc, uid)
+        _kill(proc, uid, setpriv)
         status = proc.wait()
-    _kill(proc, uid)                                                     # leftovers of a detached grandchild
+    _kill(proc, uid, setpriv)                                                     # leftovers of a detached grandchild
     for f in (proc.stdout, proc.stderr, proc.stdin):
         if not f.closed:
             f.close()
@@ -241,20 +244,16 @@ def _explain(status: int, stderr: str, memory_mb: int) -> str:
     return f"exit status {status}" + (f": {last}" if last else "")
 
 
-def _kill(proc: subprocess.Popen, uid: int | None) -> None:
+def _kill(proc: subprocess.Popen, uid: int | None, setpriv: str | None) -> None:
     """SIGKILL the run's process group, and as root every process of its fresh uid (a child that called setsid
     has left the group; under bwrap, the PID namespace dies with its first process anyway)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if uid is not None:
-        pid = os.fork()
-        if pid == 0:                                                     # child: become uid, kill(-1) = all of uid
-            try:
-                os.setgid(uid)
-                os.setuid(uid)
-                os.kill(-1, signal.SIGKILL)
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
+    deadline = time.monotonic() + 2.0
+    while uid is not None and _pids_of(uid) and time.monotonic() < deadline:
+        # kill(-1) sent as uid reaches every process of uid (and nothing else); repeat until they are gone
+        subprocess.run([setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/bin/sh", "-c",
+                        "kill -KILL -1"], env={"PATH": _PATH}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.01)
