@@ -53,7 +53,8 @@ def test_grpo_loss_and_grad_match_float64_loop(is_mode):
     loss, stats = grpo_loss(logp, old, gen, adv, mask, is_mode=is_mode, kl_beta=0.05, ref_logp=ref)
     (grad,) = torch.autograd.grad(loss, logp)
     logp2 = logp.detach().clone().requires_grad_(True)
-    ref_loss, n_masked, n_dropped = grpo_loss_ref(logp2, old, gen, adv, mask, 0.2, 0.28, is_mode, 0.5, 5.0, 2.0, beta=0.05, ref=ref)
+    ref_loss, n_masked, n_dropped = grpo_loss_ref(logp2, old, gen, adv, mask, 0.2, 0.28, is_mode, 0.5, 5.0, 2.0,
+                                                  beta=0.05, ref=ref)
     (ref_grad,) = torch.autograd.grad(ref_loss, logp2)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)

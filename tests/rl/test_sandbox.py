@@ -112,8 +112,8 @@ def test_killing_the_parent_or_a_host_process_fails():
     sentinel = subprocess.Popen(["sleep", "30"])
     try:
         code = (f"import os, signal\nfor pid in (os.getppid(), {os.getpid()}, {sentinel.pid}):\n    try:\n"
-                f"        os.kill(pid, signal.SIGKILL)\n    except OSError as e:\n        print(type(e).__name__, flush=True)\n"
-                f"os.killpg(0, signal.SIGKILL)")
+                f"        os.kill(pid, signal.SIGKILL)\n    except OSError as e:\n"
+                f"        print(type(e).__name__, flush=True)\nos.killpg(0, signal.SIGKILL)")
         r = run_python(code)
         assert not r.ok and r.reason.startswith("killed by SIGKILL")      # it could only kill its own group
         assert sentinel.poll() is None                                       # the host process lives on

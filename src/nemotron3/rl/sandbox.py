@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import resource
 import selectors
 import shutil
 import signal
@@ -38,9 +37,9 @@ import time
 from dataclasses import dataclass
 
 ISOLATIONS = ("bwrap", "none")
-_INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap util-linux`; Fedora: `dnf install "
-                 "bubblewrap`), or opt out of isolation with run_python(..., isolation='none') or NEMOTRON3_SANDBOX=none"
-                 " (unsafe: model-written code then reaches the network and the file system)")
+_INSTALL_HINT = ("install it (Debian/Ubuntu: `apt-get install bubblewrap util-linux`; Fedora: `dnf install bubblewrap "
+                 "util-linux`), or opt out of isolation with run_python(..., isolation='none') or "
+                 "NEMOTRON3_SANDBOX=none (unsafe: model-written code then reaches the network and the file system)")
 _UID_BASE = 1_200_000_000          # fresh uids for sandboxed runs: far above any real account
 _uid_counter = itertools.count()
 _PATH = "/usr/bin:/bin"                      # the only PATH the sandboxed processes get
@@ -218,7 +217,7 @@ def _supervise(argv, cwd, stdin, timeout_s, max_output_bytes, memory_mb, uid, se
         reason = f"timeout after {timeout_s} s"
         _kill(proc, uid, setpriv)
         status = proc.wait()
-    _kill(proc, uid, setpriv)                                                     # leftovers of a detached grandchild
+    _kill(proc, uid, setpriv)                                            # leftovers of a detached grandchild
     for f in (proc.stdout, proc.stderr, proc.stdin):
         if not f.closed:
             f.close()
