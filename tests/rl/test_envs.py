@@ -79,7 +79,7 @@ def test_math_fraction_equivalence_and_scoring_off_the_main_thread(math_env):
                                                           ("\\boxed{0.5}", "\\boxed{2/4}", "\\boxed{1/3}")))
     thread.start()
     thread.join()
-    assert rewards == [1.0, 1.0, 0.0]                               # math-verify in-thread would give all 0
+    assert rewards == [1.0, 1.0, 0.0]              # math-verify called in this thread raises (0.9) or gives False
     assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
 
 

@@ -6,9 +6,10 @@ of NeMo-Gym's math_with_judge used for Nemotron 3 math RLVR: last \\boxed{} agai
 Difficulty grows with the number of operands (2..4) and their size, so a tiny model starts with some solved and
 some unsolved problems: what the pass-rate curriculum needs.
 math-verify runs in a worker process, never in the caller: its parse/verify timeouts use SIGALRM, which works
-only on a process's main thread, and elsewhere it silently returns False (a reported math-verify issue); a rollout
-scoring from a thread pool would then read every right answer as wrong. The worker is started on first use, runs
-each call on its own main thread, and is replaced when a call hangs past `timeout_s`.
+only on a process's main thread; elsewhere older releases silently returned False (a reported math-verify issue)
+and 0.9 raises ValueError, so a rollout scoring from a thread pool would read every right answer as wrong. The
+worker is started on first use, runs each call on its own main thread, and is replaced when a call hangs past
+`timeout_s`.
 Left out: the LLM-judge fallback (off in the Nano recipe) and datasets (DAPO, Skywork): pass your own Environment.
 """
 
