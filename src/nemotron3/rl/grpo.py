@@ -117,7 +117,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, gen_logp: torch.Tensor
     rho = torch.exp(logp - old_logp)
     rho_clipped = rho.clamp(1 - eps_low, 1 + eps_high)
     pg = torch.maximum(-A * rho, -A * rho_clipped)                       # (B, T)
-    denom = m.sum() if token_count is None else torch.as_tensor(float(token_count), dtype=logp.dtype)
+    denom = m.sum() if token_count is None else m.new_tensor(float(token_count))
     denom = denom.clamp(min=1)                                           # an all-masked batch gives loss 0
     pg_loss = (m * w_used * pg).sum() / denom
     loss = pg_loss
