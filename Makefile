@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test setup setup-dev bench clean
+.PHONY: demo test setup setup-dev sandbox-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,15 @@ setup-dev: $(VENV)/.installed-dev
 demo: setup
 	$(PY) -m nemotron3 demo
 
-test: setup-dev
+# the RL code sandbox runs model-written code under bubblewrap (network / file-system / PID isolation) and, as
+# root, drops to a fresh uid with setpriv (util-linux); both are OS packages, not pip ones
+sandbox-check:
+	@command -v bwrap >/dev/null || { echo "bubblewrap is missing: the RL code sandbox needs it." \
+	  "Install it with: apt-get install bubblewrap   (Fedora: dnf install bubblewrap)"; exit 1; }
+	@command -v setpriv >/dev/null || { echo "setpriv is missing: install util-linux (apt-get install util-linux)"; \
+	  exit 1; }
+
+test: setup-dev sandbox-check
 	$(PY) -m pytest tests
 
 bench: setup-dev

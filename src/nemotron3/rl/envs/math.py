@@ -1,0 +1,103 @@
+"""The `math` environment: arithmetic word-free problems with a \\boxed{} answer, checked by math-verify (the verifier
+of NeMo-Gym's math_with_judge used for Nemotron 3 math RLVR: last \\boxed{} against the reference, reward 1/0).
+
+    What is 7 + 12 * 3? Put the final answer in \\boxed{}.          -> reward 1 for '... \\boxed{43}'
+
+Difficulty grows with the number of operands (2..4) and their size, so a tiny model starts with some solved and
+some unsolved problems: what the pass-rate curriculum needs.
+math-verify runs in a worker process, never in the caller: its parse/verify timeouts use SIGALRM, which works
+only on a process's main thread; elsewhere older releases silently returned False (a reported math-verify issue)
+and 0.9 raises ValueError, so a rollout scoring from a thread pool would read every right answer as wrong. The
+worker is started on first use, runs each call on its own main thread, and is replaced when a call hangs past
+`timeout_s`.
+Left out: the LLM-judge fallback (off in the Nano recipe) and datasets (DAPO, Skywork): pass your own Environment.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import random
+from collections.abc import Iterator
+
+from nemotron3.rl.environment import Environment, Task, check_split, split_of
+
+
+def last_boxed(text: str) -> str | None:
+    """Contents of the last \\boxed{...} in text (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def _verify_in_worker(gold: str, answer: str, timeout_s: int) -> bool:
+    from math_verify import parse, verify
+    return bool(verify(parse(f"${gold}$", parsing_timeout=timeout_s),
+                       parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout_s), timeout_seconds=timeout_s))
+
+
+class MathVerifier:
+    """math-verify in a single worker process (spawned, so no torch state is forked into it)."""
+
+    def __init__(self, timeout_s: float = 5.0):
+        self.timeout_s = timeout_s
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def __call__(self, gold: str, answer: str) -> bool:
+        if self._pool is None:
+            try:
+                import math_verify  # noqa: F401  (fail here, in the caller, with the install line)
+            except ImportError:
+                raise ImportError("the math environment needs math-verify: pip install 'nemotron3[rl]' "
+                                  "(or pip install math-verify)") from None
+            self._pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        future = self._pool.submit(_verify_in_worker, gold, answer, max(1, round(self.timeout_s)))
+        try:
+            return future.result(timeout=self.timeout_s + 10)
+        except (cf.TimeoutError, cf.process.BrokenProcessPool):
+            self.close()                                      # a hung or dead worker: start afresh next call
+            return False
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for p in list(self._pool._processes.values()):   # a hung worker would block shutdown(wait=True)
+                p.kill()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+class MathEnv(Environment):
+    name = "math"
+
+    def __init__(self, max_operands: int = 4, max_value: int = 30, timeout_s: float = 5.0):
+        if max_operands < 2 or max_value < 2:
+            raise ValueError(f"MathEnv needs max_operands >= 2 and max_value >= 2, got {max_operands}, {max_value}.")
+        self.max_operands, self.max_value = max_operands, max_value
+        self.verifier = MathVerifier(timeout_s)
+
+    def tasks(self, split: str, seed: int) -> Iterator[Task]:
+        check_split(split)
+        rng = random.Random(seed)
+        while True:
+            n = rng.randint(2, self.max_operands)
+            terms = [str(rng.randint(1, self.max_value))]
+            for _ in range(n - 1):
+                terms += [rng.choice("+-*"), str(rng.randint(1, self.max_value if n == 2 else 9))]
+            expr = " ".join(terms)
+            if split_of(expr) != split:
+                continue
+            question = f"What is {expr}? Put the final answer in \\boxed{{}}."
+            yield Task([{"role": "user", "content": question}],
+                       {"answer": str(eval(expr, {"__builtins__": {}})), "operands": n})   # our own digits and ops
+
+    def score(self, task: Task, completion: str) -> float:
+        answer = last_boxed(completion)
+        if answer is None or not answer.strip():
+            return 0.0
+        return float(self.verifier(task.data["answer"], answer))
