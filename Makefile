@@ -25,11 +25,16 @@ demo: setup
 
 # the RL code sandbox runs model-written code under bubblewrap (network / file-system / PID isolation) and, as
 # root, drops to a fresh uid with setpriv (util-linux); both are OS packages, not pip ones
+# (as root with apt-get, as on CI, they are installed here; otherwise the message says what to run)
 sandbox-check:
-	@command -v bwrap >/dev/null || { echo "bubblewrap is missing: the RL code sandbox needs it." \
-	  "Install it with: apt-get install bubblewrap   (Fedora: dnf install bubblewrap)"; exit 1; }
-	@command -v setpriv >/dev/null || { echo "setpriv is missing: install util-linux (apt-get install util-linux)"; \
-	  exit 1; }
+	@if ! command -v bwrap >/dev/null || ! command -v setpriv >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux >/dev/null; \
+	  else \
+	    echo "the RL code sandbox needs bubblewrap and util-linux (setpriv): apt-get install bubblewrap util-linux" \
+	      "(Fedora: dnf install bubblewrap util-linux)"; exit 1; \
+	  fi; \
+	fi
 
 test: setup-dev sandbox-check
 	$(PY) -m pytest tests
