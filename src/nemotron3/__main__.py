@@ -154,16 +154,28 @@ def _engine(model, tok, args):
         raise UserError(f"--num-speculative-tokens {K} must be >= 0.")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
+    if args.reasoning_budget is not None and args.reasoning_budget < 0:
+        raise UserError(f"--reasoning-budget {args.reasoning_budget} must be >= 0 (thinking tokens).")
+    _sampling(args)
     if args.compile:
         model.compile_decode()
     return Engine(model, tok, num_speculative_tokens=K)
 
 
+def _sampling(args):
+    """The run's SamplingParams (their validation is the one check of these flags; errors name the flag)."""
+    from .infer import SamplingParams
+    try:
+        top_p = 1.0 if args.top_p is None else args.top_p
+        return SamplingParams(args.temperature, args.top_k or 0, top_p, args.min_p, args.repetition_penalty, args.seed)
+    except ValueError as e:                        # "field=value must ...": name the flag instead
+        field, rest = str(e).split("=", 1)
+        raise UserError(f"--{field.replace('_', '-')} {rest}") from None
+
+
 def _request(ids, args, max_tokens, thinking):
-    from .infer import Request, SamplingParams
-    params = SamplingParams(args.temperature, args.top_k or 0, args.top_p or 1.0, args.min_p,
-                            args.repetition_penalty, args.seed)
-    return Request(ids, max_tokens, params, stop=args.stop, thinking=thinking,
+    from .infer import Request
+    return Request(ids, max_tokens, _sampling(args), stop=args.stop, thinking=thinking,
                    reasoning_budget=args.reasoning_budget if thinking else None)
 
 

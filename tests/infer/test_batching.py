@@ -116,8 +116,12 @@ def test_logprobs_are_tensors_of_the_raw_and_the_sampled_distribution(trained):
     torch.testing.assert_close(r.sampled_logprobs, (logits / 0.7).log_softmax(-1).gather(1, idx)[:, 0],
                                atol=1e-4, rtol=0)
     assert len(r.logprobs) == len(r.token_ids) and len(r.logprobs[0]["top"]) == 2
-    stop = Engine(trained, TOK).generate([Request(prompt, 20, stop_token_ids=[r.token_ids[3]], logprobs=0)])[0]
-    assert len(stop.logprobs) == len(stop.token_ids) == len(stop.token_logprobs)  # the stop token brings none
+    g = Engine(trained, TOK).generate([Request(prompt, 20, logprobs=0)])[0]              # greedy
+    i = next(k for k in range(1, 20) if g.token_ids[k] not in g.token_ids[:k])
+    stop = Engine(trained, TOK).generate([Request(prompt, 20, stop_token_ids=[g.token_ids[i]], logprobs=0)])[0]
+    assert stop.token_ids == g.token_ids[:i] and len(stop.logprobs) == len(stop.token_logprobs) == i  # none for it
+    assert stop.stop_token[0] == g.token_ids[i] and abs(stop.stop_token[1] - float(g.token_logprobs[i])) < 1e-5
+    assert stop.stop_token[2] == 0.0                                   # greedy: the sampled distribution is one-hot
 
 
 def test_update_weights_between_steps_records_versions():
@@ -176,3 +180,17 @@ def test_speculation_by_batch_size():
     assert [engine.K_for(b) for b in (1, 2, 4, 5, 8)] == [3, 2, 2, 0, 0]
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         Engine(engine.model, TOK, {0: 2})
+
+
+def test_routed_experts_are_those_of_a_full_forward(trained):
+    """Routing per token read (prompt, then outputs) equals the routing of one forward over the whole sequence,
+    plain and speculative (kept verify positions only)."""
+    prompt = TOK.encode(PROMPTS[1])
+    for K in (0, 2):
+        r = Engine(trained, TOK, K, prefill_chunk=4).generate([Request(prompt, 10, return_routed_experts=True)])[0]
+        with torch.no_grad():
+            out = trained(torch.tensor([prompt + r.token_ids[:-1]]), return_router=True)
+        moe = sorted(i for i in out.router if i < trained.config.num_hidden_layers)
+        ref = torch.stack([out.router[i].ids_TK for i in moe], 1)                      # (T, layers, K)
+        assert r.routed_experts.shape == ref.shape
+        assert torch.equal(r.routed_experts.sort(-1).values, ref.sort(-1).values)

@@ -66,6 +66,8 @@ class Request:
     """What a budget forces to end the thought (NVIDIA's: ".\n</think>\n\n"; match the model's training format)."""
     n: int = 1
     """Samples of this prompt: prefilled once, forked into n rows (sample i seeds its stream with (seed, i))."""
+    return_routed_experts: bool = False
+    """Also return the experts every MoE layer routed each input token to (RL's router replay); runs eager."""
 
 
 @dataclass
@@ -81,12 +83,19 @@ class Result:
     request_id: int = 0
     sample: int = 0
     token_logprobs: torch.Tensor | None = None
-    """(n,) float32: the raw model's log-probability of each output token."""
+    """(n,) float32 when the request set `logprobs` (0 is enough): the raw model's log-probability of each token."""
     sampled_logprobs: torch.Tensor | None = None
-    """(n,) float32: its log-probability under the distribution actually sampled (after temperature / top-k /
-    top-p / min-p / penalty; 0 for greedy and forced tokens) — the generation log-probs RL's importance weights use."""
+    """(n,) float32 likewise: its log-probability under the distribution actually sampled (after temperature /
+    top-k / top-p / min-p / penalty; 0 for greedy and forced tokens) — what RL's importance weights use."""
     versions: list[int] | None = None
     """The policy version (update_weights) that produced each output token."""
+    stop_token: tuple[int, float, float] | None = None
+    """(id, raw logprob, sampled logprob) of the stop token that ended the output (it is not in token_ids; RL
+    trains on it: the model must learn to stop). Logprobs are 0 unless the request set `logprobs`."""
+    routed_experts: torch.Tensor | None = None
+    """With return_routed_experts: (prompt + output - 1 positions, MoE layers, top-k) expert ids, the routing of
+    every token the model read (prompt, then each output token but the last), in the order of the main model's
+    MoE layers."""
     error: str | None = None
 
 
@@ -125,17 +134,19 @@ class _Sequence:
         self.versions: list[int] = []
         self.logprobs = [] if req.logprobs is not None else None
         self.finish, self.error, self.text, self.shown = None, None, "", 0
+        self.stop_token = None
         self._prefix, self._read = 0, 0          # incremental detokenization offsets (vLLM's scheme)
         self.stops = {tok.eos_token_id, *req.stop_token_ids} - {None}
         self.budget = budget
         self.budget_state = BudgetState() if budget is not None else None
+        self.routing: list[torch.Tensor] = []     # (positions, MoE layers, K) blocks, when asked for
 
     def emit(self, token: int, lp_raw: float, lp_sampled: float, version: int, top=None) -> str:
         """Append a token; returns the text that became visible. Sets finish when a stop condition hits."""
         if self.budget is not None:
             self.budget_state = self.budget.advance(self.budget_state, token)
         if token in self.stops:                   # a stop token is not part of the output, nor its logprob
-            self.finish = "stop"
+            self.finish, self.stop_token = "stop", (token, lp_raw, lp_sampled)
         else:
             self.tokens.append(token)
             self.lp_raw.append(lp_raw)
@@ -167,9 +178,14 @@ class _Sequence:
 
     def result(self) -> Result:
         reasoning, content = split_reasoning(self.text, self.req.thinking)
+        routed = None
+        if self.req.return_routed_experts:
+            n_read = len(self.req.prompt_ids) + max(len(self.tokens) - 1, 0)
+            routed = torch.cat(self.routing)[:n_read] if self.routing else None
         return Result(self.tokens, self.text, reasoning, content, self.finish or "abort", len(self.req.prompt_ids),
                       self.logprobs, bool(self.budget_state and self.budget_state.forced), self.rid, self.sample,
-                      torch.tensor(self.lp_raw), torch.tensor(self.lp_sampled), self.versions, self.error)
+                      *((torch.tensor(self.lp_raw), torch.tensor(self.lp_sampled)) if self.logprobs is not None
+                        else (None, None)), self.versions, self.stop_token, routed, self.error)
 
 
 class _Prefill:
@@ -233,8 +249,8 @@ class Engine:
             raise ValueError(f"n={request.n!r} must be an integer in [1, {self.max_batch}] (the engine's max_batch).")
         if len(ids) + request.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
-                             f"context of {self.max_model_len} (max_model_len); shorten the prompt or ask for fewer "
-                             f"tokens.")
+                             f"context of {self.max_model_len} tokens (max_position_embeddings, or the engine's "
+                             f"max_model_len); shorten the prompt or ask for fewer tokens.")
         V = self.model.config.vocab_size
         if not all(isinstance(t, int) and 0 <= t < V for t in ids):
             raise ValueError(f"prompt ids must be integers in [0, {V}) (vocab_size is {V}); tokenize with this "
@@ -282,12 +298,13 @@ class Engine:
 
     @torch.inference_mode()
     def update_weights(self, named_tensors, version: int | None = None) -> None:
-        """Load new weights between steps without rebuilding anything (RL's policy update); tokens generated from
-        now on record `version` (default: the previous one + 1)."""
-        params = dict(self.model.named_parameters())
+        """Load new weights (parameters or buffers such as the routers' e_score_correction_bias) between steps
+        without rebuilding anything (RL's policy update); tokens generated from now on record `version` (default:
+        the previous one + 1)."""
+        params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         for name, t in named_tensors:
             if name not in params:
-                raise ValueError(f"update_weights: the model has no parameter {name!r}.")
+                raise ValueError(f"update_weights: the model has no parameter or buffer {name!r}.")
             if params[name].shape != t.shape:
                 raise ValueError(f"update_weights: {name} has shape {tuple(params[name].shape)}, got {tuple(t.shape)}.")
             params[name].copy_(t)
@@ -357,6 +374,10 @@ class Engine:
         if not self._params_dirty:
             return
         self.params = RowParams([s.req.sampling for s in self.rows], self.device)
+        # every row greedy, no penalty, no budget: the target is the argmax, no distribution is built (the one-hot
+        # rule of speculative.py reduces to "accept while the draft equals the argmax")
+        self.plain_greedy = self.params.all_greedy and not self.params.any_penalty and not any(
+            s.budget for s in self.rows)
         self._params_dirty = False
 
     def _place(self, seqs: list[_Sequence], first: torch.Tensor, h_last: torch.Tensor, rng_key: torch.Tensor,
@@ -418,7 +439,9 @@ class Engine:
         main = self.cache.rows(scratch, scratch + 1)
         L, s = len(pf.ids), pf.done
         chunk = pf.ids[s:s + self.chunk][None]
-        out = model(chunk, cache=main, logits_to_keep=1)
+        out = model(chunk, cache=main, logits_to_keep=1, return_router=pf.req.return_routed_experts)
+        if pf.req.return_routed_experts:
+            pf.seqs[0].routing.append(self._routing(out)[0].cpu())
         pf.done = s + chunk.shape[1]
         mtp = self.mtp_cache.rows(scratch, scratch + 1) if self.K_max else None
         if mtp is not None:
@@ -446,6 +469,8 @@ class Engine:
             tail = pf.prev_h[:, :-1]
             model.mtp_step(1, tail, pf.ids[L - tail.shape[1]:][None], mtp)
         h_last = pf.prev_h[:, -1:] if mtp is not None else None
+        for seq in pf.seqs[1:]:
+            seq.routing = list(pf.seqs[0].routing)
         self._place(pf.seqs, first, h_last, rng_key, seen)
         for c in (self.cache, self.mtp_cache):
             if c is not None:
@@ -473,11 +498,16 @@ class Engine:
         K = self.K_for(b)
         view = self.cache.rows(0, b)
         if K == 0:      # the MTP cache is not kept up in plain rounds: if speculation resumes, the first round's
-            out = self.model(self.last[:, None], cache=view, logits_to_keep=1)  # drafts are poor, never wrong
-            seen = None if self.seen is None else self.seen[:, None]
-            forced = [[s.budget.forced(s.budget_state)] if s.budget else None for s in self.rows]
-            p = self._target(out.logits, self.params, seen, forced)
-            tok = draw(p[:, 0], uniforms(self.rng_key, self.counter, 1)[:, 0])[:, None]
+            out = self.model(self.last[:, None], cache=view, logits_to_keep=1,   # drafts are poor, never wrong
+                             return_router=self._want_routing())
+            self._record_routing(out, torch.zeros(b, dtype=torch.long, device=self.device))
+            if self.plain_greedy:
+                p, tok = None, out.logits.argmax(-1)
+            else:
+                seen = None if self.seen is None else self.seen[:, None]
+                forced = [[s.budget.forced(s.budget_state)] if s.budget else None for s in self.rows]
+                p = self._target(out.logits, self.params, seen, forced)
+                tok = draw(p[:, 0], uniforms(self.rng_key, self.counter, 1)[:, 0])[:, None]
             self.counter += 1
             self.last = tok[:, 0]
             self._emit(events, list(range(b)), tok, torch.zeros(b, dtype=torch.long, device=self.device),
@@ -498,8 +528,11 @@ class Engine:
         for j in range(1, K + 1):
             logits_q = model.lm_head(h[:, -1:]).float()                         # (b, 1, V)
             seens.append(None if seen is None else seen[:, None])
-            q = target_probs_rows(logits_q, self.params, seens[-1])[:, 0]      # (b, V)
-            d = draw(q, u[:, j - 1])
+            if self.plain_greedy:
+                q, d = None, logits_q[:, 0].argmax(-1)
+            else:
+                q = target_probs_rows(logits_q, self.params, seens[-1])[:, 0]  # (b, V)
+                d = draw(q, u[:, j - 1])
             drafts.append(d)
             qs.append(q)
             if seen is not None:
@@ -513,14 +546,19 @@ class Engine:
             mtp.conv[i].copy_(c)
             mtp.ssm[i].copy_(s)
         drafts = torch.stack(drafts, 1)                                        # (b, K)
-        q = torch.stack(qs, 1)                                                 # (b, K, V)
         # 2. verify [t0, d1..dK] in one forward, keeping the Mamba states after each token
         start = main.pos.clone()
-        out = model(torch.cat([self.last[:, None], drafts], 1), cache=main, keep_mamba_states=True)
+        out = model(torch.cat([self.last[:, None], drafts], 1), cache=main, keep_mamba_states=True,
+                    return_router=self._want_routing())
         # 3. accept: each row its own count
-        forced = self._forced_ahead(drafts, K)
-        p = self._target(out.logits, self.params, None if seen is None else torch.cat(seens, 1), forced)
-        emitted, n = accept_drafts(p, q, drafts, u[:, K:2 * K], u[:, 2 * K])
+        if self.plain_greedy:         # accept while the draft is the argmax; then the argmax: the argmax row itself
+            p, emitted = None, out.logits.argmax(-1)                           # (b, K+1)
+            n = (drafts == emitted[:, :K]).long().cumprod(-1).sum(-1)
+        else:
+            forced = self._forced_ahead(drafts, K)
+            p = self._target(out.logits, self.params, None if seen is None else torch.cat(seens, 1), forced)
+            emitted, n = accept_drafts(p, torch.stack(qs, 1), drafts, u[:, K:2 * K], u[:, 2 * K])
+        self._record_routing(out, n)
         # 4. roll back each row to t0, d1..dn
         main.keep_prefix(start, n + 1, out.mamba_states)
         # 5. MTP cache: teacher-forced entries for the kept positions; the one at n drafts the next round
@@ -531,6 +569,24 @@ class Engine:
         self.last = emitted[rows, n]
         self.stats["rounds"] += 1
         self._emit(events, list(range(b)), emitted, n, out.logits, p)
+
+    def _want_routing(self) -> bool:
+        return any(s.req.return_routed_experts for s in self.rows)
+
+    def _routing(self, out) -> torch.Tensor:
+        """(b, L, MoE layers, K) expert ids of a forward's main-model MoE layers."""
+        b, L = out.hidden_states.shape[:2]
+        layers = sorted(i for i in out.router if i < self.model.config.num_hidden_layers)
+        return torch.stack([out.router[i].ids_TK.view(b, L, -1) for i in layers], 2)
+
+    def _record_routing(self, out, n: torch.Tensor) -> None:
+        """Keep the routing of the input positions each row kept (t0 and its accepted drafts)."""
+        if not out.router:
+            return
+        ids, keep = self._routing(out).cpu(), (n + 1).tolist()
+        for i, seq in enumerate(self.rows):
+            if seq.req.return_routed_experts:
+                seq.routing.append(ids[i, :keep[i]])
 
     def _forced_ahead(self, drafts: torch.Tensor, K: int):
         """Per row with a budget, the token forced at each verify position 0..K (position j is reached only if
@@ -560,9 +616,17 @@ class Engine:
             kept = torch.arange(L, device=n_acc.device)[None] <= n_acc[:, None]
             r = torch.tensor(rows, device=self.device)[:, None].expand(-1, L)
             self.seen[r[kept], tokens[kept]] = True
-        top = max((self.rows[i].req.logprobs or 0 for i in rows), default=0)
-        lp_raw, lp_sampled, alts = token_logprobs(logits, p, tokens, top)
-        bad = ~(torch.isfinite(p).all(-1) & torch.isfinite(logits).all(-1)).all(-1)   # a row whose numbers broke
+        finite = torch.isfinite(logits).all(-1)
+        if p is not None:
+            finite &= torch.isfinite(p).all(-1)
+        bad = ~finite.all(-1)                                                    # a row whose numbers broke
+        alts = None
+        if any(self.rows[i].req.logprobs is not None for i in rows):
+            top = max((self.rows[i].req.logprobs or 0 for i in rows), default=0)
+            probs = p if p is not None else torch.nn.functional.one_hot(tokens, logits.shape[-1]).float()
+            lp_raw, lp_sampled, alts = token_logprobs(logits, probs, tokens, top)
+        else:
+            lp_raw = lp_sampled = torch.zeros(tokens.shape)
         host = [t.tolist() for t in (tokens, n_acc, lp_raw, lp_sampled, bad)]
         alts = [a.tolist() for a in alts] if alts is not None else None
         finished = []

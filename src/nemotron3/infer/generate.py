@@ -38,7 +38,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, attent
     for i, row in enumerate(input_ids.tolist()):
         if attention_mask is not None:
             row = [t for t, m in zip(row, attention_mask[i, -len(row):].tolist()) if m]
-        params = SamplingParams(temperature if do_sample else 0.0, top_k or 0, top_p or 1.0, min_p,
+        params = SamplingParams(temperature if do_sample else 0.0, top_k or 0, 1.0 if top_p is None else top_p, min_p,
                                 repetition_penalty, None if seed is None else seed + i)
         requests.append(Request(row, max_new_tokens, params, stop_token_ids=eos))
     engine = Engine(model, None, num_speculative_tokens, max_batch=max(len(requests), 1))

@@ -321,7 +321,7 @@ class NemotronForCausalLM(nn.Module):
         b, L = next_ids.shape
         pos = cache.reserve(L)
         if self._compiled_mtp is not None and L <= self.COMPILED_MAX_TOKENS and cache.valid is None:
-            states = {i: cache.layer_state(i) for i in (*cache.kv, *cache.ssm)}
+            states = {layer.layer_idx: cache.layer_state(layer.layer_idx) for layer in self.mtp.layers}
             out, mamba_states = self._compiled_mtp(depth, h, next_ids, pos, states, keep_mamba_states)
         else:
             lo, hi = pos.aminmax()
