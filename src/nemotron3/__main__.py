@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "plot")
+COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "plot", "eval")
 
 
 class UserError(Exception):
@@ -324,11 +324,12 @@ def main(argv=None):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from .train.data import DataError
+    from .eval import main as eval_main
     from .train.plot import main as plot_main
     from .train.pretrain import main as train_main
     handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "serve": serve_main,
                "demo": demo_main, "train": train_main,
-               "plot": plot_main}[argv[0]]
+               "plot": plot_main, "eval": eval_main}[argv[0]]
     from .checkpoint import CheckpointError
     try:
         handler(argv[1:])

@@ -1,0 +1,198 @@
+"""Teacher-forced log-likelihoods over long inputs: per-token NLL through a chunked prefill, the log-probability of
+candidate continuations after one shared prefill, and the cumulative mean NLL vs position with a power-law fit.
+
+    nemotron3 eval nll --model runs/long/final --data books.jsonl --max-len 65536 --out runs/long/nll
+    nemotron3 eval nll --model DIR --data builtin --max-len 16k       # the built-in long documents (held out)
+
+The curve is the analogue of the Nemotron-H / Nemotron 3 long-context figure (after Gemini 1.5's): for each
+position t, the mean over documents of the NLL of token t, then its running mean C(t) = (1/t) sum_{i<=t} nll_i,
+fitted by C(t) = a * t^(-b) + c. A model that keeps using its context has C(t) falling steadily (b > 0) out to
+the longest position; a curve that flattens or turns up marks where it stops.
+
+Every forward here goes through `model(ids, cache=cache, logits_to_keep=...)` in chunks, so peak activation
+memory is set by --prefill-chunk, not by the length, and the KV / SSM cache carries the context across chunks.
+Documents shorter than --max-len are skipped (a position is then averaged over the same documents everywhere);
+longer ones are cut.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+
+import torch
+
+
+def _check_chunk(chunk: int) -> None:
+    if chunk < 1:
+        raise ValueError(f"--prefill-chunk {chunk} must be >= 1.")
+
+
+@torch.inference_mode()
+def token_nll(model, ids: list[int], chunk: int = 2048) -> torch.Tensor:
+    """-log p(ids[t] | ids[:t]) for t = 1..L-1, (L-1,) float64, from one chunked pass with a cache."""
+    _check_chunk(chunk)
+    device = model.lm_head.weight.device
+    x = torch.tensor(ids, device=device)[None]                          # (1, L)
+    cache = model.new_cache(1, x.shape[1])
+    out = []
+    for s in range(0, x.shape[1] - 1, chunk):
+        logits = model(x[:, s:s + chunk], cache=cache).logits[0]       # (c, V): predicts tokens s+1 .. s+c
+        targets = x[0, s + 1:s + 1 + chunk]                              # the last chunk predicts one fewer
+        logp = torch.log_softmax(logits[:len(targets)].double(), -1)
+        out.append(-logp.gather(-1, targets[:, None])[:, 0])
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def candidate_logprobs(model, context: list[int], candidates: list[list[int]], chunk: int = 2048) -> torch.Tensor:
+    """log p(candidate | context) for each candidate (a sum over its tokens), (n,) float64.
+
+    The context is prefilled once, in chunks; its last logits score every candidate's first token. A candidate of
+    more tokens continues a copy of the cache (copy.deepcopy: one copy alive at a time, so peak memory is two
+    caches), so the long prefill is never repeated. The other choice, a batch of n copies of the context prefilled
+    together, costs n prefills; a cache copy costs one memcpy of the KV cache, cheaper at any length."""
+    _check_chunk(chunk)
+    if not context or not candidates or not all(candidates):
+        raise ValueError("candidate_logprobs needs a non-empty context and non-empty candidates.")
+    device = model.lm_head.weight.device
+    x = torch.tensor(context, device=device)[None]                      # (1, L)
+    cache = model.new_cache(1, x.shape[1] + max(len(c) for c in candidates))
+    for s in range(0, x.shape[1], chunk):
+        last = model(x[:, s:s + chunk], cache=cache, logits_to_keep=1).logits[0, -1]    # (V,)
+    first = torch.log_softmax(last.double(), -1)
+    scores = []
+    for cand in candidates:
+        total = first[cand[0]]
+        if len(cand) > 1:
+            y = torch.tensor(cand, device=device)[None]                  # (1, m)
+            logits = model(y[:, :-1], cache=copy.deepcopy(cache)).logits[0]                # (m-1, V)
+            total = total + torch.log_softmax(logits.double(), -1).gather(-1, y[0, 1:, None]).sum()
+        scores.append(total)
+    return torch.stack(scores)
+
+
+def rank_of_first(scores: torch.Tensor) -> int:
+    """How many candidates score strictly above candidates[0] (the gold): 0 = the gold wins."""
+    return int((scores[1:] > scores[0]).sum())
+
+
+def cumulative_mean(nll: torch.Tensor) -> torch.Tensor:
+    """C(t) = (1/t) sum_{i<=t} nll_i along the last dimension."""
+    t = torch.arange(1, nll.shape[-1] + 1, dtype=nll.dtype, device=nll.device)
+    return nll.cumsum(-1) / t
+
+
+def fit_power_law(t, y) -> tuple[float, float, float]:
+    """(a, b, c) minimising sum (a t^-b + c - y)^2 over positions t >= 1.
+
+    For a fixed offset c the fit is linear in log space: log(y - c) = log a - b log t; the offset is found by
+    golden-section search on the squared error over c in [0, min y) (an NLL curve's floor is non-negative)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    y = torch.as_tensor(y, dtype=torch.float64)
+    if t.numel() < 3 or t.numel() != y.numel() or bool((t <= 0).any()) or bool((y <= 0).any()):
+        raise ValueError("fit_power_law needs >= 3 points with positive positions and values.")
+    logt = t.log()
+
+    def fit(c: float):
+        ly = (y - c).log()
+        X = torch.stack([torch.ones_like(logt), -logt], 1)              # log a, b
+        coef = torch.linalg.lstsq(X, ly[:, None]).solution[:, 0]
+        a, b = float(coef[0].exp()), float(coef[1])
+        return float(((a * t ** -b + c - y) ** 2).sum()), a, b
+    lo, hi = 0.0, float(y.min()) * (1 - 1e-9)
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(200):
+        m1, m2 = hi - g * (hi - lo), lo + g * (hi - lo)
+        if fit(m1)[0] <= fit(m2)[0]:
+            hi = m2
+        else:
+            lo = m1
+    c = (lo + hi) / 2
+    _, a, b = fit(c)
+    return a, b, c
+
+
+def nll_curve(model, documents: list[list[int]], chunk: int = 2048) -> torch.Tensor:
+    """Mean NLL per position over equal-length documents, (L-1,) float64."""
+    return torch.stack([token_nll(model, d, chunk) for d in documents]).mean(0)
+
+
+def _log_positions(n: int) -> list[int]:
+    """1, 2, 4, ... and n: the positions the table prints."""
+    out = [1 << k for k in range(n.bit_length()) if 1 << k < n]
+    return out + [n]
+
+
+def main(argv) -> None:
+    from .. import __main__ as cli
+    from ..train.data import read_documents
+    from . import parse_length, require_model_dir, save_plot
+    p = argparse.ArgumentParser(prog="nemotron3 eval nll", description="Cumulative mean NLL vs position on long "
+                                "documents, with a power-law fit a*t^-b + c.")
+    p.add_argument("--model", help="checkpoint directory")
+    p.add_argument("--preset", help="random weights of a built-in architecture (a smoke run)")
+    p.add_argument("--data", required=True, help="a .txt / .jsonl file or saved dataset of documents, or 'builtin' "
+                   "(held-out long documents of train/long_docs.py)")
+    p.add_argument("--field", default="text", help="the text field of a .jsonl file (default text)")
+    p.add_argument("--max-len", default="4k", help="tokens per document, e.g. 4096, 16k, 1m (default 4k)")
+    p.add_argument("--max-docs", type=int, default=16, help="documents to average over (default 16)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per forward (default 2048)")
+    p.add_argument("--out", default=None, help="directory for nll.json and nll.png")
+    p.add_argument("--seed", type=int, default=0, help="seed for --preset weights and built-in documents")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    args = p.parse_args(argv)
+    max_len = parse_length(args.max_len, "--max-len")
+    if args.max_docs < 1:
+        raise ValueError(f"--max-docs {args.max_docs} must be >= 1.")
+    _check_chunk(args.prefill_chunk)
+    require_model_dir(args)
+    model = cli._load_model(args)
+    from ..tokenizer import load_tokenizer
+    tok = load_tokenizer(args.model, model.config.vocab_size)
+    if args.data == "builtin":
+        from ..train.long_docs import long_documents
+        texts = long_documents(tok, max_len, seed=args.seed, split="heldout")
+    else:
+        texts = read_documents(args.data, args.field)
+    docs, seen = [], 0
+    for text in texts:
+        seen += 1
+        ids = tok.encode(text)
+        if len(ids) >= max_len:
+            docs.append(ids[:max_len])
+            if len(docs) == args.max_docs:
+                break
+    if not docs:
+        raise ValueError(f"--data {args.data}: none of its {seen} documents has {max_len} tokens; lower --max-len.")
+    nll = nll_curve(model, docs, args.prefill_chunk)
+    cum = cumulative_mean(nll)
+    a, b, c = fit_power_law(torch.arange(1, len(cum) + 1), cum)
+    print(f"{len(docs)} documents of {max_len} tokens ({seen} read); C(t) = {a:.4g} * t^-{b:.4g} + {c:.4g}")
+    print(f"{'position':>10} {'NLL':>8} {'cumulative':>11} {'fit':>8}")
+    for t in _log_positions(len(cum)):
+        print(f"{t:>10} {float(nll[t - 1]):>8.4f} {float(cum[t - 1]):>11.4f} {a * t ** -b + c:>8.4f}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "nll.json"), "w") as f:
+            json.dump({"model": args.model or args.preset, "data": args.data, "documents": len(docs),
+                       "max_len": max_len, "fit": {"a": a, "b": b, "c": c}, "nll": nll.tolist(),
+                       "cumulative": cum.tolist()}, f)
+        save_plot(os.path.join(args.out, "nll.png"), lambda plt: _plot_nll(plt, cum, (a, b, c)))
+        print(f"wrote {os.path.join(args.out, 'nll.json')} and nll.png")
+
+
+def _plot_nll(plt, cum, fit) -> None:
+    a, b, c = fit
+    t = torch.arange(1, len(cum) + 1, dtype=torch.float64)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(t, cum, label="cumulative mean NLL")
+    ax.plot(t, a * t ** -b + c, "--", label=f"fit {a:.3g} t^-{b:.3g} + {c:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel("nats / token")
+    ax.legend()
+    return fig
