@@ -89,31 +89,53 @@ def cumulative_mean(nll: torch.Tensor) -> torch.Tensor:
 def fit_power_law(t, y) -> tuple[float, float, float]:
     """(a, b, c) minimising sum (a t^-b + c - y)^2 over positions t >= 1.
 
-    For a fixed offset c the fit is linear in log space: log(y - c) = log a - b log t; the offset is found by
-    golden-section search on the squared error over c in [0, min y) (an NLL curve's floor is non-negative)."""
+    For a fixed offset c the fit is linear in log space: log(y - c) = log a - b log t. The offset c lies in
+    [0, min y) (an NLL floor is non-negative), often within a hair of min y, so it is searched as the gap
+    g = min y - c on a log grid (1e-9 min y .. min y), then refined by golden-section search between the grid
+    neighbours of the best point, always on the squared error in the original space; Levenberg-Marquardt on
+    all three parameters finishes from there."""
     t = torch.as_tensor(t, dtype=torch.float64)
     y = torch.as_tensor(y, dtype=torch.float64)
     if t.numel() < 3 or t.numel() != y.numel() or bool((t <= 0).any()) or bool((y <= 0).any()):
         raise ValueError("fit_power_law needs >= 3 points with positive positions and values.")
-    logt = t.log()
+    logt, y_min = t.log(), float(y.min())
+    X = torch.stack([torch.ones_like(logt), -logt], 1)                  # columns: log a, b
 
-    def fit(c: float):
-        ly = (y - c).log()
-        X = torch.stack([torch.ones_like(logt), -logt], 1)              # log a, b
-        coef = torch.linalg.lstsq(X, ly[:, None]).solution[:, 0]
+    def fit(log_gap: float):
+        c = y_min - math.exp(log_gap)
+        coef = torch.linalg.lstsq(X, (y - c).log()[:, None]).solution[:, 0]
         a, b = float(coef[0].exp()), float(coef[1])
-        return float(((a * t ** -b + c - y) ** 2).sum()), a, b
-    lo, hi = 0.0, float(y.min()) * (1 - 1e-9)
-    g = (math.sqrt(5) - 1) / 2
-    for _ in range(200):
-        m1, m2 = hi - g * (hi - lo), lo + g * (hi - lo)
-        if fit(m1)[0] <= fit(m2)[0]:
-            hi = m2
+        return float(((a * t ** -b + c - y) ** 2).sum()), a, b, c
+    grid = torch.linspace(math.log(y_min * 1e-9), math.log(y_min), 400).tolist()
+    best = min(range(len(grid)), key=lambda i: fit(grid[i])[0])
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(100):
+        m1, m2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        lo, hi = (lo, m2) if fit(m1)[0] <= fit(m2)[0] else (m1, hi)
+    _, a, b, c = fit((lo + hi) / 2)
+    return _levenberg_marquardt(t, y, a, b, c)
+
+
+def _levenberg_marquardt(t, y, a: float, b: float, c: float, steps: int = 100) -> tuple[float, float, float]:
+    """Refine (a, b, c) on sum r^2, r = a t^-b + c - y, with no constraint on c: noise can put points below the
+    floor, where the log-space start cannot reach. Jacobian columns: t^-b, -a t^-b log t, 1."""
+    theta, damping = torch.tensor([a, b, c], dtype=torch.float64), 1e-3
+
+    def residual(th):
+        return th[0] * t ** -th[1] + th[2] - y
+    r = residual(theta)
+    for _ in range(steps):
+        p = t ** -theta[1]
+        J = torch.stack([p, -theta[0] * p * t.log(), torch.ones_like(t)], 1)          # (n, 3)
+        JtJ = J.T @ J
+        step = torch.linalg.solve(JtJ + damping * torch.diag(JtJ.diagonal()), -J.T @ r)
+        r_new = residual(theta + step)
+        if float(r_new @ r_new) < float(r @ r):
+            theta, r, damping = theta + step, r_new, damping / 3
         else:
-            lo = m1
-    c = (lo + hi) / 2
-    _, a, b = fit(c)
-    return a, b, c
+            damping *= 4
+    return float(theta[0]), float(theta[1]), float(theta[2])
 
 
 def nll_curve(model, documents: list[list[int]], chunk: int = 2048) -> torch.Tensor:
