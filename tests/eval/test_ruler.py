@@ -93,10 +93,11 @@ def test_cwe_answers_are_the_ten_most_common_words():
     assert counts[9][1] > counts[10][1]
 
 
-def test_fwe_answers_are_the_three_most_frequent_coded_words():
-    s = make_sample("fwe", 2000, 0, BYTES)
+@pytest.mark.parametrize("length", [520, 600, 2000])               # 600 holds ~50 words: a tie to step around
+def test_fwe_answers_are_the_three_most_frequent_coded_words(length):
+    s = make_sample("fwe", length, 0, BYTES)
     words = s.prompt.split("coded words. ")[1].split("\nQuestion")[0].split()
-    counts = Counter(w for w in words if w != "....").most_common()
+    counts = Counter(w for w in words if set(w) != {"."}).most_common()      # dots are noise, padding included
     assert [w for w, _ in counts[:3]] == s.answers and counts[2][1] > counts[3][1]
     assert Counter(words).most_common(1)[0][0] == "...."               # the noise word is the most frequent
 

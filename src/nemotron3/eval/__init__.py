@@ -6,7 +6,7 @@
 ruler.py makes and scores RULER's synthetic tasks (haystack.py supplies their text); nll.py owns teacher-forced
 log-probabilities (per-token NLL vs position, candidate answers after one shared prefill) and the power-law fit.
 This file dispatches the subcommands and holds the small helpers both share (lengths like "16k", the --model
-check, writing a plot).
+check and model loading, writing a plot).
 """
 
 from __future__ import annotations
@@ -34,6 +34,21 @@ def require_model_dir(args) -> None:
     if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
         raise ValueError(f"--model {args.model}: no config.json there; pass the checkpoint directory itself "
                          f"(e.g. runs/demo/final).")
+
+
+def load_model(args):
+    """The model of --model / --preset (as `nemotron3 generate` loads it), on --device (auto: CUDA if present)."""
+    import torch
+
+    from ..__main__ import _load_model
+    require_model_dir(args)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {args.device}: not usable here ({str(e).splitlines()[0]}); use cpu or auto.") \
+            from None
+    return _load_model(args).to(device).eval()
 
 
 def save_plot(path: str, draw) -> None:

@@ -7,8 +7,8 @@ generate both kinds ourselves from templates and word lists, so no text is downl
 filler says does not matter to the tasks, only that it is fluent enough not to look like a needle.
 
 Exact token counts: a prompt is `render(n, pad)`: n whole haystack units (sentences, list items, words) plus the
-first `pad` characters of the next unit(s). The largest n whose prompt fits is found by doubling then bisection
-(token count grows with n), then `pad` is bisected to hit the target exactly. With the byte tokenizer every
+first `pad` characters of the next unit(s). The largest n whose prompt fits is bracketed around an estimate from
+the tokens per unit, then bisected (token count grows with n), then `pad` is bisected to hit the target exactly. With the byte tokenizer every
 ASCII character is one token, so the target is always reached; a BPE tokenizer can, rarely, skip a count at the
 boundary, and then the neighbouring pads are tried before giving up with a ValueError.
 """
@@ -123,9 +123,19 @@ def fit_exact(render: Callable[[int, int], str], count: Callable[[str], int], ta
     if base > target:
         raise ValueError(f"{what}: the prompt without any haystack already has {base} tokens; ask for a length "
                          f">= {base + 1}.")
-    lo, hi = 0, 1                                   # count(render(lo)) <= target < count(render(hi))
-    while count(render(hi, 0)) <= target:
-        lo, hi = hi, hi * 2
+    # bracket: count(render(lo)) <= target < count(render(hi)), starting from the tokens per unit of 32 units, so
+    # a 1M-token prompt costs ~15 tokenizations instead of ~40 (each one of a multi-megabyte text)
+    per_unit = max((count(render(32, 0)) - base) / 32, 1e-3)
+    guess = max(1, int((target - base) / per_unit))
+    step = max(1, guess // 64)
+    if count(render(guess, 0)) <= target:
+        lo, hi = guess, guess + step
+        while count(render(hi, 0)) <= target:
+            lo, hi, step = hi, hi + 2 * step, 2 * step
+    else:
+        lo, hi = max(0, guess - step), guess
+        while lo > 0 and count(render(lo, 0)) > target:
+            lo, hi, step = max(0, lo - 2 * step), lo, 2 * step
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if count(render(mid, 0)) <= target else (lo, mid)

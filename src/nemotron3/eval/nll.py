@@ -150,9 +150,8 @@ def _log_positions(n: int) -> list[int]:
 
 
 def main(argv) -> None:
-    from .. import __main__ as cli
     from ..train.data import read_documents
-    from . import parse_length, require_model_dir, save_plot
+    from . import load_model, parse_length, save_plot
     p = argparse.ArgumentParser(prog="nemotron3 eval nll", description="Cumulative mean NLL vs position on long "
                                 "documents, with a power-law fit a*t^-b + c.")
     p.add_argument("--model", help="checkpoint directory")
@@ -166,13 +165,13 @@ def main(argv) -> None:
     p.add_argument("--out", default=None, help="directory for nll.json and nll.png")
     p.add_argument("--seed", type=int, default=0, help="seed for --preset weights and built-in documents")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default auto: CUDA if present)")
     args = p.parse_args(argv)
     max_len = parse_length(args.max_len, "--max-len")
     if args.max_docs < 1:
         raise ValueError(f"--max-docs {args.max_docs} must be >= 1.")
     _check_chunk(args.prefill_chunk)
-    require_model_dir(args)
-    model = cli._load_model(args)
+    model = load_model(args)
     from ..tokenizer import load_tokenizer
     tok = load_tokenizer(args.model, model.config.vocab_size)
     if args.data == "builtin":

@@ -219,13 +219,19 @@ def _fwe(rng: random.Random, key: str, distractors: int):
     def counts(n: int) -> list[int]:
         return [int(n * (k + 1) ** -FWE_ALPHA / zeta) for k in range(len(vocab))]   # Zipf: n k^-a / zeta(a)
 
+    def clear_top3(n: int) -> int:
+        """The largest m <= n whose 3rd and 4th coded words differ in count (ties only occur below ~75 words)."""
+        while n > 0 and not counts(n)[3] > counts(n)[4]:
+            n -= 1
+        return n
+
     def render(n: int, pad: int) -> str:
-        words = [w for w, c in zip(vocab, counts(n)) for _ in range(c)]
+        words = [w for w, c in zip(vocab, counts(clear_top3(n))) for _ in range(c)]
         random.Random(f"{key}/{n}").shuffle(words)
         return head + " ".join(words) + (" ...." * (pad // 5 + 1))[:pad] + tail
     answers = vocab[1:4]
     wrong = [vocab[4 + 3 * i:7 + 3 * i] for i in range(distractors)]
-    return render, answers, [" " + ", ".join(a) for a in [answers] + wrong], counts
+    return render, answers, [" " + ", ".join(a) for a in [answers] + wrong], clear_top3
 
 
 def make_sample(task: str, length: int, index: int, tokenizer, *, depth: float = 0.5, seed: int = 0,
@@ -247,11 +253,11 @@ def make_sample(task: str, length: int, index: int, tokenizer, *, depth: float =
     elif spec.kind == "cwe":
         render, answers, candidates = _cwe(rng, key, length, count, distractors)
     else:
-        render, answers, candidates, counts = _fwe(rng, key, distractors)
+        render, answers, candidates, clear_top3 = _fwe(rng, key, distractors)
     prompt, n = fit_exact(render, count, length, what)
-    if spec.kind == "fwe" and not counts(n)[3] > counts(n)[4]:
+    if spec.kind == "fwe" and clear_top3(n) == 0:
         raise ValueError(f"{what}: too short for a clear top three (the 3rd and 4th words are equally frequent); "
-                         f"ask for a length of at least 512.")
+                         f"ask for a longer length (~500 tokens suffice).")
     return Sample(task, length, index, prompt, answers, candidates,
                   depth if spec.kind in ("niah", "vt") else None, spec.max_new_tokens)
 
@@ -361,14 +367,21 @@ def _plot(plt, summary: list[dict], records: list[dict], samples: int):
     ax.legend(fontsize=6)
     if niah:
         metric = "score" if "score" in niah[0] else "tf_correct"
-        bins = min(samples, 10)
+        if samples <= 10:                         # one row per depth the samples used: i / (samples - 1)
+            bins = samples
+            row_of = lambda d: round(d * (bins - 1))                                   # noqa: E731
+            labels = [f"{100 * i / max(bins - 1, 1):.0f}%" if bins > 1 else "50%" for i in range(bins)]
+        else:                                     # ten bands of depth
+            bins = 10
+            row_of = lambda d: min(int(d * bins), bins - 1)                           # noqa: E731
+            labels = [f"{10 * i}-{10 * i + 10}%" for i in range(bins)]
         grid = [[[] for _ in lengths] for _ in range(bins)]
         for r in niah:
-            grid[min(int(r["depth"] * bins), bins - 1)][lengths.index(r["length"])].append(r[metric])
+            grid[row_of(r["depth"])][lengths.index(r["length"])].append(r[metric])
         cells = [[100 * sum(c) / len(c) if c else float("nan") for c in row] for row in grid]
         im = axes[0, 1].imshow(cells, aspect="auto", cmap="RdYlGn", vmin=0, vmax=100, origin="upper")
         axes[0, 1].set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
-        axes[0, 1].set_yticks(range(bins), [f"{100 * (i + 0.5) / bins:.0f}%" for i in range(bins)])
+        axes[0, 1].set_yticks(range(bins), labels)
         axes[0, 1].set_xlabel("prompt length (tokens)")
         axes[0, 1].set_ylabel("needle depth")
         axes[0, 1].set_title(f"NIAH {'score' if metric == 'score' else 'teacher-forced accuracy'} (%)")
@@ -377,9 +390,8 @@ def _plot(plt, summary: list[dict], records: list[dict], samples: int):
 
 
 def main(argv) -> None:
-    from .. import __main__ as cli
     from ..tokenizer import load_tokenizer
-    from . import parse_length, require_model_dir, save_plot
+    from . import load_model, parse_length, save_plot
     p = argparse.ArgumentParser(prog="nemotron3 eval ruler", description="RULER's synthetic long-context tasks, "
                                 "generated here with exact token counts, scored by generation and teacher forcing.")
     p.add_argument("--model", help="checkpoint directory")
@@ -396,6 +408,7 @@ def main(argv) -> None:
     p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per forward in teacher forcing")
     p.add_argument("--seed", type=int, default=0, help="sample seed (and --preset weights)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default auto: CUDA if present)")
     p.add_argument("--out", default=None, help="directory for ruler.json and ruler.png")
     args = p.parse_args(argv)
     lengths = [parse_length(x, "--lengths") for x in args.lengths.split(",")]
@@ -408,8 +421,7 @@ def main(argv) -> None:
                         ("--prefill-chunk", args.prefill_chunk)):
         if value < 1:
             raise ValueError(f"{flag} {value} must be >= 1.")
-    require_model_dir(args)
-    model = cli._load_model(args)
+    model = load_model(args)
     limit = model.config.max_position_embeddings
     answer = max(TASKS[t].max_new_tokens for t in tasks)
     if args.method != "logprob" and (too_long := [n for n in lengths if n + answer > limit]):
