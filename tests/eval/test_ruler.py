@@ -98,7 +98,7 @@ def test_fwe_answers_are_the_three_most_frequent_coded_words(length):
     s = make_sample("fwe", length, 0, BYTES)
     words = s.prompt.split("coded words. ")[1].split("\nQuestion")[0].split()
     counts = Counter(w for w in words if set(w) != {"."}).most_common()      # dots are noise, padding included
-    assert [w for w, _ in counts[:3]] == s.answers and counts[2][1] > counts[3][1]
+    assert {w for w, _ in counts[:3]} == set(s.answers) and (len(counts) == 3 or counts[2][1] > counts[3][1])
     assert Counter(words).most_common(1)[0][0] == "...."               # the noise word is the most frequent
 
 
