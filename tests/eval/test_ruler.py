@@ -32,7 +32,8 @@ def bpe(tmp_path_factory):
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=600, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=600,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     gen = essay_sentences(random.Random(0))
     tok.train_from_iterator([next(gen) for _ in range(2000)], trainer)
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
@@ -193,6 +194,7 @@ def test_cli_prints_tables_and_writes_json_and_png(model_dir, tmp_path, capsys):
     (["--lengths", "8k"], "--lengths 8k: a prompt of 8192 tokens plus 128 for the answer exceeds the model's "
                           "context of 4096 (max_position_embeddings); use --method logprob"),
     (["--samples", "0"], "--samples 0 must be >= 1."),
+    (["--device", "gpu0"], "--device gpu0: not usable here"),
 ])
 def test_bad_cli_input_gets_one_line_naming_the_flag_and_the_fix(argv, message, capsys):
     from nemotron3.__main__ import main

@@ -8,9 +8,9 @@ filler says does not matter to the tasks, only that it is fluent enough not to l
 
 Exact token counts: a prompt is `render(n, pad)`: n whole haystack units (sentences, list items, words) plus the
 first `pad` characters of the next unit(s). The largest n whose prompt fits is bracketed around an estimate from
-the tokens per unit, then bisected (token count grows with n), then `pad` is bisected to hit the target exactly. With the byte tokenizer every
-ASCII character is one token, so the target is always reached; a BPE tokenizer can, rarely, skip a count at the
-boundary, and then the neighbouring pads are tried before giving up with a ValueError.
+the tokens per unit, then bisected (token count grows with n), then `pad` is bisected to hit the target exactly.
+With the byte tokenizer every ASCII character is one token, so the target is always reached; a BPE tokenizer can,
+rarely, skip a count at the boundary, and then the neighbouring pads are tried before giving up with a ValueError.
 """
 
 from __future__ import annotations

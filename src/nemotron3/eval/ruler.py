@@ -283,7 +283,11 @@ METHODS = ("generate", "logprob", "both")
 def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], samples: int, method: str = "both",
              seed: int = 0, distractors: int = 9, prefill_chunk: int = 2048, log=print) -> list[dict]:
     """One record per sample: the generated answer and its score (method generate / both), the gold's
-    teacher-forced log-probability and rank among the candidates (logprob / both)."""
+    teacher-forced log-probability and rank among the candidates (logprob / both). Candidates are tokenized on
+    their own, not together with the prompt: every one then starts from the same prefilled context (a BPE could
+    merge the prompt's last characters with a candidate's first; our prompts end before a space or after one)."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} must be one of {METHODS}.")
     from ..infer import Engine, Request, SamplingParams
     from .nll import candidate_logprobs, rank_of_first
     engine = Engine(model, tokenizer) if method in ("generate", "both") else None
@@ -425,9 +429,9 @@ def main(argv) -> None:
     limit = model.config.max_position_embeddings
     answer = max(TASKS[t].max_new_tokens for t in tasks)
     if args.method != "logprob" and (too_long := [n for n in lengths if n + answer > limit]):
-        raise ValueError(f"--lengths {format_length(too_long[0])}: a prompt of {too_long[0]} tokens plus {answer} for the "
-                         f"answer exceeds the model's context of {limit} (max_position_embeddings); use --method logprob "
-                         f"(no generation) or shorter lengths.")
+        raise ValueError(f"--lengths {format_length(too_long[0])}: a prompt of {too_long[0]} tokens plus {answer} "
+                         f"for the answer exceeds the model's context of {limit} (max_position_embeddings); use "
+                         f"--method logprob (no generation) or shorter lengths.")
     tok = load_tokenizer(args.model, model.config.vocab_size)
     records = evaluate(model, tok, tasks, lengths, args.samples, args.method, args.seed, args.distractors,
                        args.prefill_chunk, log=lambda msg: print(msg, file=sys.stderr))
