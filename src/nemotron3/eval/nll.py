@@ -150,6 +150,7 @@ def _log_positions(n: int) -> list[int]:
 
 
 def main(argv) -> None:
+    from ..tokenizer import load_tokenizer
     from ..train.data import read_documents
     from . import load_model, parse_length, save_plot
     p = argparse.ArgumentParser(prog="nemotron3 eval nll", description="Cumulative mean NLL vs position on long "
@@ -157,7 +158,7 @@ def main(argv) -> None:
     p.add_argument("--model", help="checkpoint directory")
     p.add_argument("--preset", help="random weights of a built-in architecture (a smoke run)")
     p.add_argument("--data", required=True, help="a .txt / .jsonl file or saved dataset of documents, or 'builtin' "
-                   "(held-out long documents of train/long_docs.py)")
+                   "(held-out long documents of train/long_docs.py: their first --max-len tokens, the prompt)")
     p.add_argument("--field", default="text", help="the text field of a .jsonl file (default text)")
     p.add_argument("--max-len", default="4k", help="tokens per document, e.g. 4096, 16k, 1m (default 4k)")
     p.add_argument("--max-docs", type=int, default=16, help="documents to average over (default 16)")
@@ -172,7 +173,6 @@ def main(argv) -> None:
         raise ValueError(f"--max-docs {args.max_docs} must be >= 1.")
     _check_chunk(args.prefill_chunk)
     model = load_model(args)
-    from ..tokenizer import load_tokenizer
     tok = load_tokenizer(args.model, model.config.vocab_size)
     if args.data == "builtin":
         from ..train.long_docs import long_documents
@@ -206,7 +206,7 @@ def main(argv) -> None:
         print(f"wrote {os.path.join(args.out, 'nll.json')} and nll.png")
 
 
-def _plot_nll(plt, cum, fit) -> None:
+def _plot_nll(plt, cum, fit):
     a, b, c = fit
     t = torch.arange(1, len(cum) + 1, dtype=torch.float64)
     fig, ax = plt.subplots(figsize=(6, 4))
