@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "plot")
+COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "plot", "eval")
 
 
 class UserError(Exception):
@@ -329,7 +329,8 @@ def main(argv=None):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "serve": serve_main,
-               "demo": demo_main, "train": _lazy("train.pretrain"), "plot": _lazy("train.plot")}[argv[0]]
+               "demo": demo_main, "train": _lazy("train.pretrain"), "plot": _lazy("train.plot"),
+               "eval": _lazy("eval")}[argv[0]]
     from .checkpoint import CheckpointError
     try:
         handler(argv[1:])
