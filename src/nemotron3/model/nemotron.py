@@ -44,13 +44,32 @@ class NemotronOutput:
     mtp_accuracies: list[torch.Tensor] = field(default_factory=list)
 
 
-def shifted_targets(labels: torch.Tensor, mask: torch.Tensor | None, shift: int) -> torch.Tensor:
-    """targets[t] = labels[t + shift]; -100 (ignored) past the end, and where position t or t + shift is padding."""
+def shifted_targets(labels: torch.Tensor, mask: torch.Tensor | None, shift: int,
+                    seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """targets[t] = labels[t + shift]; -100 (ignored) past the end, where position t or t + shift is padding, and
+    where t + shift lies in the next packed sequence (seq_idx)."""
+    shift = min(shift, labels.shape[1])                                      # rows shorter than the shift: no target
     targets = F.pad(labels[:, shift:], (0, shift), value=-100)
     if mask is not None:
         real = mask.bool() & F.pad(mask[:, shift:].bool(), (0, shift), value=False)
         targets = targets.masked_fill(~real, -100)
+    if seq_idx is not None:
+        targets = targets.masked_fill(F.pad(seq_idx[:, shift:], (0, shift), value=-1) != seq_idx, -100)
     return targets
+
+
+def packed_sequence_index(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """seq_idx (b, L): the packed sequence each position belongs to, from position_ids that restart at 0 at every
+    packed sequence (transformers' DataCollatorWithFlattening); None when no row restarts (one sequence per row)."""
+    restarts = position_ids[:, 1:] == 0
+    steps = (position_ids[:, 1:] == position_ids[:, :-1] + 1) | restarts
+    if not bool(steps.all()):
+        r, t = (~steps).nonzero()[0].tolist()
+        raise ValueError(f"position_ids[{r}, {t + 1}] = {int(position_ids[r, t + 1])} after {int(position_ids[r, t])}: "
+                         f"positions count 0, 1, 2, ... within each packed sequence and restart at 0 at the next.")
+    if not bool(restarts.any()):
+        return None
+    return F.pad(restarts.long(), (1, 0)).cumsum(1)                         # (b, L)
 
 
 class Block(nn.Module):
@@ -72,15 +91,15 @@ class Block(nn.Module):
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
 
-    def forward(self, h, mask=None, cache: HybridCache | None = None, pos: int = 0):
+    def forward(self, h, mask=None, cache: HybridCache | None = None, pos: int = 0, seq_idx=None):
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "linear_attention":
             states = (cache.conv[self.layer_idx], cache.ssm[self.layer_idx]) if cache is not None else ()
             history = cache.history.setdefault(self.layer_idx, []) if cache is not None and cache.history is not None \
                 else None
-            x = self.mixer(x, mask if x.shape[1] > 1 else None, *states, history=history)
+            x = self.mixer(x, mask if x.shape[1] > 1 else None, *states, history=history, seq_idx=seq_idx)
         elif self.kind == "full_attention":
-            x = self.mixer(x, mask, cache.attention_kv(self.layer_idx) if cache is not None else None, pos)
+            x = self.mixer(x, mask, cache.attention_kv(self.layer_idx) if cache is not None else None, pos, seq_idx)
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
@@ -109,10 +128,10 @@ class NemotronModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
-    def forward(self, input_ids, mask=None, cache=None, pos: int = 0):
+    def forward(self, input_ids, mask=None, cache=None, pos: int = 0, seq_idx=None):
         h = self.embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, mask, cache, pos)
+            h = layer(h, mask, cache, pos, seq_idx)
         return self.norm_f(h)
 
 
@@ -170,7 +189,8 @@ class NemotronForCausalLM(nn.Module):
 
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: HybridCache | None = None, *, labels: torch.Tensor | None = None, logits_to_keep: int = 0,
+                cache: HybridCache | None = None, *, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0,
                 mtp_depths: int = 0, return_router: bool = False) -> NemotronOutput:
         """input_ids (b, L). attention_mask (b, L), or (b, cache.pos + L) as HF generate passes it; 1 = token,
         0 = left padding. With `cache`, the tokens continue the cached sequence and the cache is advanced.
@@ -179,7 +199,10 @@ class NemotronForCausalLM(nn.Module):
         shifted here, -100 ignored), adds .loss and .accuracy (and with mtp_depths, .mtp_losses / .mtp_accuracies
         per depth), computed fused with the LM head (loss.py) without materialising logits: then .logits and
         .mtp_logits stay empty unless logits_to_keep asks for some. Combining them (L + lambda/D sum L_k) is the
-        trainer's choice."""
+        trainer's choice. position_ids (b, L) packs several sequences into a row (transformers'
+        DataCollatorWithFlattening convention: positions restart at 0 at each sequence): attention is block-diagonal
+        causal, every Mamba layer restarts its conv window and state, MTP and the loss never cross a boundary, so
+        each sequence comes out as if run alone (no cache; the model has no positional encoding to feed)."""
         b, L = self._check_inputs(input_ids, cache)
         mask = self._new_token_mask(attention_mask, b, L)
         if labels is not None and labels.shape != input_ids.shape:
@@ -187,6 +210,15 @@ class NemotronForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)} (pass the input ids; they are shifted here).")
         if mtp_depths and self.mtp is None:
             raise ValueError("mtp_depths > 0 but this model has no MTP heads (num_nextn_predict_layers=0).")
+        seq_idx = None
+        if position_ids is not None:
+            if cache is not None:
+                raise ValueError("position_ids (packed sequences) is for cache-less forwards; run each sequence with "
+                                 "its own cache row instead.")
+            if position_ids.shape != input_ids.shape or position_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"position_ids must be an integer tensor shaped like input_ids {tuple(input_ids.shape)}; "
+                                 f"got {position_ids.dtype} {tuple(position_ids.shape)}.")
+            seq_idx = packed_sequence_index(position_ids)
         pos = 0
         if cache is not None:
             pos = cache.pos
@@ -202,23 +234,23 @@ class NemotronForCausalLM(nn.Module):
         for m in moe_layers:
             m.record_router = True
         try:
-            h = self.backbone(input_ids, mask, cache, pos)
+            h = self.backbone(input_ids, mask, cache, pos, seq_idx)
             if cache is not None:
                 cache.pos += L
             out = NemotronOutput(logits=None, hidden_states=h)
             if labels is not None:
                 out.loss, out.accuracy = fused_linear_cross_entropy(h, self.lm_head.weight,
-                                                                    shifted_targets(labels, mask, 1))
+                                                                    shifted_targets(labels, mask, 1, seq_idx))
             if labels is None or logits_to_keep:
                 out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
             if mtp_depths:
-                out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask)
+                out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask, seq_idx)
                 if labels is None:
                     out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
                 else:   # depth k at position t predicts token t+k+1 (nemotron3_spec.md §2.2)
                     for k, hk in enumerate(out.mtp_hidden_states, start=1):
                         loss_k, acc_k = fused_linear_cross_entropy(hk, self.lm_head.weight,
-                                                                   shifted_targets(labels, mask, k + 1))
+                                                                   shifted_targets(labels, mask, k + 1, seq_idx))
                         out.mtp_losses.append(loss_k)
                         out.mtp_accuracies.append(acc_k)
             for m in moe_layers:                   # MTP layers appear (index >= num_hidden_layers) when they ran
