@@ -1,6 +1,6 @@
 """Packed sequences (position_ids restarting at 0, transformers' DataCollatorWithFlattening convention). Oracle:
-each sequence run alone through the same model: a packed row must give the same logits, losses (main and MTP, as
-sums over valid targets) and gradients, for a config with every layer kind (M * E -), LatentMoE and MTP."""
+each sequence run alone through the same model: a packed row must give the same logits, losses (main and MTP,
+summed over valid targets) and gradients, for a config with every layer kind (M * E -), LatentMoE and MTP."""
 
 import pytest
 import torch
@@ -26,29 +26,25 @@ def packed_row(lengths, vocab, seed=0):
     return seqs, torch.cat(seqs, dim=1), position_ids
 
 
-def summed_losses(out, lengths_or_n, depths):
-    """Main and MTP mean losses turned back into sums over their valid targets (a sequence of n tokens has
-    n - 1 - k targets at MTP depth k)."""
-    ns = lengths_or_n if isinstance(lengths_or_n, list) else [lengths_or_n]
-    sums = [out.loss * sum(max(n - 1, 0) for n in ns)]
-    sums += [out.mtp_losses[k - 1] * sum(max(n - 1 - k, 0) for n in ns) for k in range(1, depths + 1)]
-    return torch.stack(sums)
+def summed_losses(out):
+    return torch.stack([out.loss] + out.mtp_losses)
 
 
 def test_packed_row_equals_each_sequence_alone_logits_losses_and_gradients():
     model, depths = packed_model(), 2
     seqs, ids, position_ids = packed_row(LENGTHS, model.config.vocab_size)
-    packed = model(ids, position_ids=position_ids, labels=ids, mtp_depths=depths, logits_to_keep=ids.shape[1])
-    packed_sums = summed_losses(packed, LENGTHS, depths)
+    packed = model(ids, position_ids=position_ids, labels=ids, mtp_depths=depths, logits_to_keep=ids.shape[1],
+                   loss_reduction="sum")
+    packed_sums = summed_losses(packed)
     packed_sums.sum().backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
     alone_sums, start = 0, 0
     for s, n in zip(seqs, LENGTHS):
-        alone = model(s, labels=s, mtp_depths=depths, logits_to_keep=n)
+        alone = model(s, labels=s, mtp_depths=depths, logits_to_keep=n, loss_reduction="sum")
         torch.testing.assert_close(packed.logits[:, start:start + n], alone.logits, rtol=1e-4, atol=1e-4)
-        alone_sums = alone_sums + summed_losses(alone, n, depths)
+        alone_sums = alone_sums + summed_losses(alone)
         start += n
     torch.testing.assert_close(packed_sums, alone_sums, rtol=1e-4, atol=1e-4)
     alone_sums.sum().backward()

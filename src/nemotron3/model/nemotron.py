@@ -190,8 +190,9 @@ class NemotronForCausalLM(nn.Module):
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: HybridCache | None = None, *, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                mtp_depths: int = 0, return_router: bool = False) -> NemotronOutput:
+                labels: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
+                loss_reduction: str = "mean", logits_to_keep: int = 0, mtp_depths: int = 0,
+                return_router: bool = False) -> NemotronOutput:
         """input_ids (b, L). attention_mask (b, L), or (b, cache.pos + L) as HF generate passes it; 1 = token,
         0 = left padding. With `cache`, the tokens continue the cached sequence and the cache is advanced.
         logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D also returns the
@@ -199,7 +200,10 @@ class NemotronForCausalLM(nn.Module):
         shifted here, -100 ignored), adds .loss and .accuracy (and with mtp_depths, .mtp_losses / .mtp_accuracies
         per depth), computed fused with the LM head (loss.py) without materialising logits: then .logits and
         .mtp_logits stay empty unless logits_to_keep asks for some. Combining them (L + lambda/D sum L_k) is the
-        trainer's choice. position_ids (b, L) packs several sequences into a row (transformers'
+        trainer's choice. loss_weights (b, L), aligned with labels, weighs the loss of predicting each label (for
+        every depth); loss_reduction "mean" (weighted mean over valid targets), "sum" (a trainer then divides by
+        its global count) or "none" ((b, L) per-position losses = minus the targets' log-probabilities), as in
+        loss.py. position_ids (b, L) packs several sequences into a row (transformers'
         DataCollatorWithFlattening convention: positions restart at 0 at each sequence): attention is block-diagonal
         causal, every Mamba layer restarts its conv window and state, MTP and the loss never cross a boundary, so
         each sequence comes out as if run alone (no cache; the model has no positional encoding to feed)."""
@@ -208,6 +212,8 @@ class NemotronForCausalLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {tuple(labels.shape)}; it must match input_ids "
                              f"{tuple(input_ids.shape)} (pass the input ids; they are shifted here).")
+        if loss_weights is not None and (labels is None or loss_weights.shape != labels.shape):
+            raise ValueError("loss_weights must come with labels and have their shape (one weight per label).")
         if mtp_depths and self.mtp is None:
             raise ValueError("mtp_depths > 0 but this model has no MTP heads (num_nextn_predict_layers=0).")
         seq_idx = None
@@ -239,8 +245,11 @@ class NemotronForCausalLM(nn.Module):
                 cache.pos += L
             out = NemotronOutput(logits=None, hidden_states=h)
             if labels is not None:
-                out.loss, out.accuracy = fused_linear_cross_entropy(h, self.lm_head.weight,
-                                                                    shifted_targets(labels, mask, 1, seq_idx))
+                def head_loss(hk, shift):                  # the LM head's loss against the labels `shift` ahead
+                    w = None if loss_weights is None else F.pad(loss_weights[:, shift:], (0, min(shift, L)))
+                    return fused_linear_cross_entropy(hk, self.lm_head.weight, shifted_targets(labels, mask, shift,
+                                                      seq_idx), weights=w, reduction=loss_reduction)
+                out.loss, out.accuracy = head_loss(h, 1)
             if labels is None or logits_to_keep:
                 out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
             if mtp_depths:
@@ -249,8 +258,7 @@ class NemotronForCausalLM(nn.Module):
                     out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
                 else:   # depth k at position t predicts token t+k+1 (nemotron3_spec.md §2.2)
                     for k, hk in enumerate(out.mtp_hidden_states, start=1):
-                        loss_k, acc_k = fused_linear_cross_entropy(hk, self.lm_head.weight,
-                                                                   shifted_targets(labels, mask, k + 1, seq_idx))
+                        loss_k, acc_k = head_loss(hk, k + 1)
                         out.mtp_losses.append(loss_k)
                         out.mtp_accuracies.append(acc_k)
             for m in moe_layers:                   # MTP layers appear (index >= num_hidden_layers) when they ran
