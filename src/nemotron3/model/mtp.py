@@ -43,25 +43,25 @@ class MultiTokenPrediction(nn.Module):
         return self.layers[blk * len(self.pattern):(blk + 1) * len(self.pattern)]
 
     def step(self, depth: int, h_prev: torch.Tensor, e_next: torch.Tensor, mask=None, cache=None, pos: int = 0,
-             seq_idx=None):
+             seq_idx=None, routing=None):
         """One depth: h^{k-1} (b, L, d) and Embed(x_{t+k}) (b, L, d) -> h^k (b, L, d), final-normed."""
         layers = self.block_layers(depth)
         first = layers[0]
         u = first.eh_proj(torch.cat([first.enorm(e_next), first.hnorm(h_prev)], dim=-1))
         for layer in layers:
-            u = layer(u, mask, cache, pos, seq_idx)
+            u = layer(u, mask, cache, pos, seq_idx, routing)
         return layers[-1].final_layernorm(u)
 
     def forward(self, h_main: torch.Tensor, input_ids: torch.Tensor, embed: nn.Embedding, depths: int, mask=None,
-                seq_idx=None):
+                seq_idx=None, routing=None):
         """Hidden states of depths 1..depths over a whole sequence (training / teacher forcing). seq_idx (b, L):
-        packed-sequence numbers, or None."""
+        packed-sequence numbers, or None. routing: a dict receiving the MoE layers' RouterOutputs, or None."""
         outs, h = [], h_main
         for k in range(1, depths + 1):
             ids_k = torch.roll(input_ids, shifts=-k, dims=1)
             ids_k[:, -k:] = 0                                                     # no token t+k past the end
             if seq_idx is not None:                                               # nor in the next packed sequence
                 ids_k = ids_k.masked_fill(torch.roll(seq_idx, shifts=-k, dims=1) != seq_idx, 0)
-            h = self.step(k, h, embed(ids_k), mask, seq_idx=seq_idx)
+            h = self.step(k, h, embed(ids_k), mask, seq_idx=seq_idx, routing=routing)
             outs.append(h)
         return outs

@@ -26,7 +26,7 @@ from .latent_moe import build_moe
 from .loss import fused_linear_cross_entropy
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
-from .moe import Experts, MoE, RouterOutput, TopKRouter
+from .moe import Experts, RouterOutput, TopKRouter
 from .mtp import MultiTokenPrediction
 from .norm import RMSNorm
 
@@ -91,7 +91,7 @@ class Block(nn.Module):
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
 
-    def forward(self, h, mask=None, cache: HybridCache | None = None, pos: int = 0, seq_idx=None):
+    def forward(self, h, mask=None, cache: HybridCache | None = None, pos: int = 0, seq_idx=None, routing=None):
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "linear_attention":
             states = (cache.conv[self.layer_idx], cache.ssm[self.layer_idx]) if cache is not None else ()
@@ -100,6 +100,8 @@ class Block(nn.Module):
             x = self.mixer(x, mask if x.shape[1] > 1 else None, *states, history=history, seq_idx=seq_idx)
         elif self.kind == "full_attention":
             x = self.mixer(x, mask, cache.attention_kv(self.layer_idx) if cache is not None else None, pos, seq_idx)
+        elif self.kind == "moe":
+            x = self.mixer(x, routing)
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
@@ -128,10 +130,10 @@ class NemotronModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
-    def forward(self, input_ids, mask=None, cache=None, pos: int = 0, seq_idx=None):
+    def forward(self, input_ids, mask=None, cache=None, pos: int = 0, seq_idx=None, routing=None):
         h = self.embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, mask, cache, pos, seq_idx)
+            h = layer(h, mask, cache, pos, seq_idx, routing)
         return self.norm_f(h)
 
 
@@ -236,37 +238,30 @@ class NemotronForCausalLM(nn.Module):
             cache.pos += 1
             return NemotronOutput(logits=logits, hidden_states=h)
 
-        moe_layers = [m for m in self.modules() if isinstance(m, MoE)] if return_router else []
-        for m in moe_layers:
-            m.record_router = True
-        try:
-            h = self.backbone(input_ids, mask, cache, pos, seq_idx)
-            if cache is not None:
-                cache.pos += L
-            out = NemotronOutput(logits=None, hidden_states=h)
-            if labels is not None:
-                def head_loss(hk, shift):                  # the LM head's loss against the labels `shift` ahead
-                    w = None if loss_weights is None else F.pad(loss_weights[:, shift:], (0, min(shift, L)))
-                    return fused_linear_cross_entropy(hk, self.lm_head.weight, shifted_targets(labels, mask, shift,
-                                                      seq_idx), weights=w, reduction=loss_reduction)
-                out.loss, out.accuracy = head_loss(h, 1)
-            if labels is None or logits_to_keep:
-                out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
-            if mtp_depths:
-                out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask, seq_idx)
-                if labels is None:
-                    out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
-                else:   # depth k at position t predicts token t+k+1 (nemotron3_spec.md §2.2)
-                    for k, hk in enumerate(out.mtp_hidden_states, start=1):
-                        loss_k, acc_k = head_loss(hk, k + 1)
-                        out.mtp_losses.append(loss_k)
-                        out.mtp_accuracies.append(acc_k)
-            for m in moe_layers:                   # MTP layers appear (index >= num_hidden_layers) when they ran
-                if m.last_router_output is not None:
-                    out.router[m.layer_idx] = m.last_router_output
-        finally:
-            for m in moe_layers:
-                m.record_router, m.last_router_output = False, None
+        routing = {} if return_router else None    # MoE layer index -> RouterOutput (MTP layers: index >= n)
+        h = self.backbone(input_ids, mask, cache, pos, seq_idx, routing)
+        if cache is not None:
+            cache.pos += L
+        out = NemotronOutput(logits=None, hidden_states=h)
+        if labels is not None:
+            def head_loss(hk, shift):                  # the LM head's loss against the labels `shift` ahead
+                w = None if loss_weights is None else F.pad(loss_weights[:, shift:], (0, min(shift, L)))
+                return fused_linear_cross_entropy(hk, self.lm_head.weight, shifted_targets(labels, mask, shift,
+                                                  seq_idx), weights=w, reduction=loss_reduction)
+            out.loss, out.accuracy = head_loss(h, 1)
+        if labels is None or logits_to_keep:
+            out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
+        if mtp_depths:
+            out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask, seq_idx,
+                                             routing)
+            if labels is None:
+                out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
+            else:   # depth k at position t predicts token t+k+1 (nemotron3_spec.md §2.2)
+                for k, hk in enumerate(out.mtp_hidden_states, start=1):
+                    loss_k, acc_k = head_loss(hk, k + 1)
+                    out.mtp_losses.append(loss_k)
+                    out.mtp_accuracies.append(acc_k)
+        out.router = routing or {}
         return out
 
     @staticmethod

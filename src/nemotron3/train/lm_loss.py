@@ -65,7 +65,7 @@ class LMLoss:
         _, weights, _ = self._targets_and_weights(batch)
         ids, D = batch["input_ids"], self.mtp_depths
         out = model(ids, batch.get("attention_mask"), position_ids=batch.get("position_ids"), labels=batch["labels"],
-                    loss_weights=weights, loss_reduction="sum", mtp_depths=D, return_router=True)
+                    loss_weights=weights, loss_reduction="sum", mtp_depths=D, return_router=bool(self.aux_coeff))
         local = self.count(batch)["targets"].to(ids.device)
         Z, n = totals["Z"].to(ids.device).clamp(min=1e-12), totals["targets"].to(ids.device).clamp(min=1)
         main = out.loss / Z[0]

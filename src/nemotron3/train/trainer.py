@@ -32,7 +32,7 @@ from ..config import from_preset
 from ..model import NemotronForCausalLM
 from ..model.moe import MoE
 from ..quant import NVFP4Recipe, apply_recipe
-from .balance import expert_counts, load_stats, update_expert_bias
+from .balance import load_stats, update_expert_bias
 from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
 from .schedule import WSDSchedule
 
@@ -195,21 +195,19 @@ class Trainer:
         with self.autocast:
             loss, metrics, out = self.loss(self.model, batch, totals)
         loss.backward()
-        for i, r in out.router.items():
-            if i in self.expert_counts:
-                self.expert_counts[i] += expert_counts(r.ids_TK, len(self.expert_counts[i]))
         return metrics
 
     def accumulate_gradients(self, batches: list[dict]) -> dict[str, float]:
         """Gradients of the step's whole (global) batch in .grad, summed over ranks; its metrics."""
         batches = [self._to_device(b) for b in batches]
         totals = self.step_totals(batches)
-        self.expert_counts = {m.layer_idx: torch.zeros(m.gate.num_experts, dtype=torch.long, device=self.device)
-                              for m in self.moe_layers}
+        for m in self.moe_layers:                  # each MoE layer counts its routed tokens while training
+            m.tokens_per_expert.zero_()
         summed: dict[str, torch.Tensor] = {}
         for b in batches:
             for k, v in self.forward_backward_step(b, totals).items():
                 summed[k] = summed.get(k, 0) + v.detach().double()
+        self.expert_counts = {m.layer_idx: m.tokens_per_expert.clone() for m in self.moe_layers}
         names = sorted(summed)
         stats = torch.stack([summed[k] for k in names] +
                             [sum(b["input_ids"].numel() for b in batches) * torch.ones((), dtype=torch.float64,
