@@ -52,7 +52,7 @@ def packed_equals_alone(dev):
         total = total + alone.loss + sum(alone.mtp_losses)
         start += n
     total.backward()
-    loss_gap = float((packed.loss + sum(packed.mtp_losses) - total).abs())
+    loss_gap = float((packed.loss + sum(packed.mtp_losses) - total).detach().abs())
     grad_gap = max(float((g_packed[n] - p.grad).abs().max()) for n, p in model.named_parameters() if p.grad is not None)
     return [check("packed row == each sequence alone on CUDA (fp32 logits)", worst < 1e-4, f"max diff {worst:.1e}"),
             check("... summed main + MTP losses", loss_gap < 1e-3, f"diff {loss_gap:.1e}"),
