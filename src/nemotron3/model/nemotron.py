@@ -224,8 +224,8 @@ class NemotronForCausalLM(nn.Module):
                 raise ValueError("position_ids (packed sequences) is for cache-less forwards; run each sequence with "
                                  "its own cache row instead.")
             if position_ids.shape != input_ids.shape or position_ids.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"position_ids must be an integer tensor shaped like input_ids {tuple(input_ids.shape)}; "
-                                 f"got {position_ids.dtype} {tuple(position_ids.shape)}.")
+                raise ValueError(f"position_ids must be an integer tensor shaped like input_ids "
+                                 f"{tuple(input_ids.shape)}; got {position_ids.dtype} {tuple(position_ids.shape)}.")
             seq_idx = packed_sequence_index(position_ids)
         pos = 0
         if cache is not None:

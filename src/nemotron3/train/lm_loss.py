@@ -28,6 +28,13 @@ class LMLoss:
         self.mtp_depths, self.mtp_lambda, self.aux_coeff = mtp_depths, mtp_lambda, aux_coeff
         self.normalization = normalization
 
+    @classmethod
+    def from_config(cls, cfg, model) -> "LMLoss":
+        """From a TrainerConfig's mtp_depths / mtp_lambda / aux_coeff / loss_normalization (no MTP if the model
+        has no MTP heads)."""
+        return cls(cfg.mtp_depths if model.mtp is not None else 0, cfg.mtp_lambda, cfg.aux_coeff,
+                   cfg.loss_normalization)
+
     def _targets_and_weights(self, batch):
         labels, mask = batch["labels"], batch.get("attention_mask")
         seq_idx = packed_sequence_index(batch["position_ids"]) if "position_ids" in batch else None
@@ -66,8 +73,9 @@ class LMLoss:
         ids, D = batch["input_ids"], self.mtp_depths
         out = model(ids, batch.get("attention_mask"), position_ids=batch.get("position_ids"), labels=batch["labels"],
                     loss_weights=weights, loss_reduction="sum", mtp_depths=D, return_router=bool(self.aux_coeff))
-        local = self.count(batch)["targets"].to(ids.device)
-        Z, n = totals["Z"].to(ids.device).clamp(min=1e-12), totals["targets"].to(ids.device).clamp(min=1)
+        ct = out.loss.dtype
+        local = self.count(batch)["targets"].to(ids.device, ct)
+        Z, n = (totals[k].to(ids.device, ct).clamp(min=1e-12) for k in ("Z", "targets"))
         main = out.loss / Z[0]
         loss = main
         metrics = {"loss": main.detach(), "accuracy": out.accuracy * local[0] / n[0]}
@@ -80,6 +88,6 @@ class LMLoss:
             rows = ids.shape[0]
             for r in out.router.values():
                 loss = loss + sequence_aux_loss(r.scores_TE, rows, r.ids_TK.shape[1], self.aux_coeff) / \
-                    totals["micro_batches"].to(ids.device)
+                    totals["micro_batches"].to(ids.device, ct)
         metrics["total_loss"] = loss.detach()
         return loss, metrics, out

@@ -97,11 +97,6 @@ class WindowBatches:
         self.sampler.load_state_dict(d)
 
 
-def lm_loss(cfg: TrainerConfig, model) -> LMLoss:
-    return LMLoss(cfg.mtp_depths if model.mtp is not None else 0, cfg.mtp_lambda, cfg.aux_coeff,
-                  cfg.loss_normalization)
-
-
 @torch.no_grad()
 def evaluate(model, windows: PackedWindows, cfg: TrainConfig, mtp_depths: int) -> dict:
     """Held-out loss and accuracies of `model` on the first eval_batches batches of `windows`."""
@@ -125,7 +120,7 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     train_w, eval_w = build_data(cfg, tokenizer)
     sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
     eos = tokenizer.eos_token_id if cfg.no_cross_document else None
-    trainer = Trainer(cfg, model, lm_loss(cfg, model), log)
+    trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log)
     evaluation = None
     if eval_w is not None:
         held_out = WindowBatches(eval_w, None, cfg.batch_size, eos).in_order(cfg.eval_batches)

@@ -2,8 +2,9 @@
 clipping + MoE balancing + the MTP loss + evaluation + atomic checkpoints with exact resume + torchrun data
 parallelism + progress bar + metrics.jsonl + plots. Each training kind brings only its data and its loss:
 
-    trainer = Trainer(cfg, model, LMLoss(...))           # pretrain.py and sft: next-token + MTP + aux loss
-    trainer.train(batches, eval_batches)                 # batches: an iterator of dict micro-batches
+    model, tokenizer = build_model(cfg)                  # cfg.model: a saved model dir (its tokenizer too)
+    trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model))   # next-token + MTP + aux loss (lm_loss.py)
+    trainer.train(batches, lambda: held_out, save_extra=tokenizer_files)   # batches: iterator of dict micro-batches
 
 The shape is torchtitan's: `forward_backward_step` (one micro-batch), `train_step` (one optimizer step over
 grad_accum micro-batches), `train` (the loop). A micro-batch is a dict of CPU tensors, all (b, L):
@@ -104,7 +105,8 @@ class TrainerConfig:
                    "device": ("auto", "cpu", "cuda"), "loss_normalization": ("token", "sequence")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: use one of {', '.join(allowed)}.")
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: use {', '.join(allowed[:-1])} or "
+                                 f"{allowed[-1]}.")
         for name in ("max_steps", "save_every", "keep_last", "batch_size", "grad_accum", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1.")
@@ -127,8 +129,8 @@ def build_model(cfg: TrainerConfig, model_config=None, device="cpu"):
         model = NemotronForCausalLM(model_config or from_preset(cfg.preset))
         tokenizer = ByteTokenizer()
     if model.config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the model has vocab_size {model.config.vocab_size} < the tokenizer's {tokenizer.vocab_size}; "
-                         f"use a model whose embedding covers its tokenizer.")
+        raise ValueError(f"the model has vocab_size {model.config.vocab_size} < the tokenizer's "
+                         f"{tokenizer.vocab_size}; use a model whose embedding covers its tokenizer.")
     return model.to(device).train(), tokenizer
 
 
@@ -295,7 +297,7 @@ class Trainer:
             path = list_checkpoints(cfg.out)[-1][1]
             state = load_checkpoint(path, self.model, self.optimizer)
             if hasattr(data, "load_state_dict"):
-                data.load_state_dict(state["data"])
+                data.load_state_dict(state["data"] if "data" in state else state["sampler"])   # older runs: "sampler"
             self.step = state["step"]
             _truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), self.step)   # drop steps logged after it
             self.log(f"resumed from {path} at step {self.step}")
