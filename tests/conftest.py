@@ -10,9 +10,6 @@ import os
 
 import pytest
 
-from nemotron3 import NemotronForCausalLM
-from nemotron3.train.pretrain import TrainConfig, train
-
 
 def under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -39,6 +36,7 @@ def pytest_configure(config):
 def trained_dir(tmp_path_factory):
     """The tiny hybrid after 100 steps on the built-in corpus (~15 s): its MTP head drafts well enough to be
     accepted and it has learned the Q/<think>/A format."""
+    from nemotron3.train.pretrain import TrainConfig, train
     out = tmp_path_factory.mktemp("trained")
     return train(TrainConfig(out=str(out), max_steps=100, save_every=100, eval_every=100, seq_len=64, batch_size=8,
                              train_tokens=80_000), log=lambda *_: None)
@@ -46,4 +44,5 @@ def trained_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(trained_dir):
+    from nemotron3 import NemotronForCausalLM
     return NemotronForCausalLM.from_pretrained(trained_dir).eval()
