@@ -94,3 +94,12 @@ def test_bad_train_flags_are_one_line(tmp_path, capsys, argv, match):
     assert main(["train", "--out", str(tmp_path)] + ARGS + argv) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+def test_help_lists_every_flag_with_its_docstring(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "minus-sqrt to 1%" in out                   # a '%' in a docstring broke --help
+    for flag in ("--model", "--no-cross-document", "--loss-normalization", "--grad-accum", "--seq-len"):
+        assert flag in out, flag

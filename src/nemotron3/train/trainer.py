@@ -425,7 +425,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 def config_flags(parser, cls) -> None:
     """One --flag per dataclass field (`_` written `-`), its docstring as help (what jsonargparse does for litgpt)."""
-    doc = field_docs(cls)
+    doc = {k: v.replace("%", "%%") for k, v in field_docs(cls).items()}     # argparse %-formats help strings
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
