@@ -185,3 +185,24 @@ def test_packed_conv_silu_gradients_match_numerical():
     args = [a.requires_grad_() for a in args]
     seq = packed_seq_idx(2, [2, 1, 4])
     assert torch.autograd.gradcheck(lambda *a: causal_conv_silu(*a, seq_idx=seq), args)
+
+
+@pytest.mark.parametrize("last_len", [1, 2, 6])              # shorter than, and longer than, the conv window (K-1=3)
+def test_packed_prefill_leaves_the_state_of_the_last_sequence_alone(last_len):
+    torch.manual_seed(0)
+    cfg = from_preset("tiny", chunk_size=4)
+    mixer = Mamba2Mixer(cfg).double()
+    K1, H, P, N = cfg.conv_kernel - 1, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size
+    x = torch.randn(1, 9 + last_len + 3, cfg.hidden_size, dtype=torch.float64)
+    packed_part, last, after = x[:, :9 + last_len], x[:, 9:9 + last_len], x[:, 9 + last_len:]
+    seq = torch.tensor([[0] * 9 + [1] * last_len])
+
+    def states():
+        return torch.zeros(1, K1, mixer.conv_dim, dtype=torch.float64), torch.zeros(1, H, P, N, dtype=torch.float64)
+    conv, ssm = states()
+    mixer(packed_part, None, conv, ssm, seq_idx=seq)
+    packed_next = torch.cat([mixer(after[:, t:t + 1], None, conv, ssm) for t in range(3)], dim=1)
+    conv, ssm = states()
+    mixer(last, None, conv, ssm)
+    alone_next = torch.cat([mixer(after[:, t:t + 1], None, conv, ssm) for t in range(3)], dim=1)
+    torch.testing.assert_close(packed_next, alone_next, rtol=1e-9, atol=1e-9)

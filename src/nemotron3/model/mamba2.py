@@ -308,6 +308,9 @@ class Mamba2Mixer(nn.Module):
             if conv_state is not None:     # the next call's window: the last K-1 raw inputs (read before the update)
                 k = self.conv_kernel - 1
                 next_window = xBC[:, -k:] if L >= k else torch.cat([conv_state[:, L:], xBC.to(conv_state.dtype)], 1)
+                if seq_idx is not None:    # the state continues the row's last sequence: drop earlier ones' inputs
+                    seq_of = torch.cat([seq_idx[:, :1].expand(-1, k), seq_idx], dim=1)[:, -k:]   # (b, K-1)
+                    next_window = next_window * (seq_of == seq_idx[:, -1:])[..., None].to(next_window.dtype)
             xBC = causal_conv_silu(xBC, w, self.conv1d.bias, conv_state, seq_idx)    # (b, L, conv_dim)
             if conv_state is not None:
                 conv_state.copy_(next_window)
