@@ -26,7 +26,7 @@ from model_speed import SHAPES, load_hf  # noqa: E402
 
 from nemotron3 import NemotronForCausalLM, from_preset  # noqa: E402
 from nemotron3.model.moe import MoE  # noqa: E402
-from nemotron3.train.balance import expert_counts, sequence_aux_loss, update_expert_bias  # noqa: E402
+from nemotron3.train.balance import sequence_aux_loss, update_expert_bias  # noqa: E402
 
 
 def ours_step(model, opt, ids):
@@ -37,9 +37,9 @@ def ours_step(model, opt, ids):
     opt.step()
     opt.zero_grad(set_to_none=True)
     for m in model.modules():
-        if isinstance(m, MoE):
-            update_expert_bias(m.gate.e_score_correction_bias,
-                               expert_counts(out.router[m.layer_idx].ids_TK, m.gate.num_experts))
+        if isinstance(m, MoE):          # the layer counted its routed tokens in training mode (as the trainer reads)
+            update_expert_bias(m.gate.e_score_correction_bias, m.tokens_per_expert)
+            m.tokens_per_expert.zero_()
 
 
 def hf_step(model, opt, ids):

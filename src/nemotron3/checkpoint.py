@@ -207,6 +207,10 @@ def load_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=N
     if device is not None:
         tensors = {k: v.to(device) for k, v in tensors.items()}
     model.load_state_dict(tensors, assign=True, strict=True)
+    for module in model.modules():       # buffers that checkpoints never hold (MoE token counts) start at zero
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_meta:
+                module.register_buffer(name, torch.zeros_like(buf, device=device or "cpu"), persistent=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
     return model.eval()

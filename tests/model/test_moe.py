@@ -91,8 +91,24 @@ def test_moe_backward_reaches_all_used_experts():
     cfg = from_preset("tiny")
     moe = build_moe(cfg)
     x = torch.randn(4, 8, cfg.hidden_size, requires_grad=True)
-    moe.record_router = True
-    moe(x).sum().backward()
-    used = moe.last_router_output.ids_TK.unique()
+    routing = {}
+    moe(x, routing).sum().backward()
+    used = routing[moe.layer_idx].ids_TK.unique()
     grads = moe.experts.up_proj.grad.abs().sum((1, 2))
     assert (grads[used] > 0).all() and x.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_training_forwards_count_tokens_per_expert_and_evaluation_does_not():
+    cfg = from_preset("tiny")
+    moe = build_moe(cfg, layer_idx=3)
+    x = torch.randn(4, 8, cfg.hidden_size)
+    routing = {}
+    moe(x, routing)
+    moe(x[:1])
+    ids = torch.cat([routing[3].ids_TK.reshape(-1), routing[3].ids_TK[:8].reshape(-1)])   # row 0 = the first 8
+    assert moe.tokens_per_expert.tolist() == torch.bincount(ids, minlength=cfg.n_routed_experts).tolist()
+    assert moe.tokens_per_expert.sum() == (32 + 8) * cfg.num_experts_per_tok
+    moe.eval()
+    moe(x)
+    assert moe.tokens_per_expert.sum() == (32 + 8) * cfg.num_experts_per_tok
+    assert "tokens_per_expert" not in moe.state_dict()                    # never saved in checkpoints

@@ -54,14 +54,17 @@ def test_loss_goes_down_and_metrics_are_logged(tmp_path):
 
 def nan_from_call(monkeypatch, n):
     """Make the n-th micro-batch loss NaN (a hand-made divergence)."""
-    import nemotron3.train.pretrain as pretrain
-    real, calls = pretrain.step_loss, []
+    from nemotron3.train.lm_loss import LMLoss
+    real, calls = LMLoss.__call__, []
 
-    def poisoned(*args):
-        loss, out = real(*args)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) >= n else loss), out
-    monkeypatch.setattr(pretrain, "step_loss", poisoned)
+    def poisoned(self, model, batch, totals):
+        loss, metrics, out = real(self, model, batch, totals)
+        if model.training:
+            calls.append(1)
+        if len(calls) >= n:
+            loss, metrics["total_loss"] = loss * float("nan"), metrics["total_loss"] * float("nan")
+        return loss, metrics, out
+    monkeypatch.setattr(LMLoss, "__call__", poisoned)
 
 
 def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -91,3 +94,12 @@ def test_bad_train_flags_are_one_line(tmp_path, capsys, argv, match):
     assert main(["train", "--out", str(tmp_path)] + ARGS + argv) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+def test_help_lists_every_flag_with_its_docstring(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "minus-sqrt to 1%" in out                   # a '%' in a docstring broke --help
+    for flag in ("--model", "--no-cross-document", "--loss-normalization", "--grad-accum", "--seq-len"):
+        assert flag in out, flag

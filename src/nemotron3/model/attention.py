@@ -4,7 +4,8 @@ q, k, v = x Wq, x Wk, x Wv;  out = softmax(q k^T / sqrt(hd) + mask) v Wo, with n
 serving num_attention_heads / num_key_value_heads query heads (KV head j serves q heads j*n_rep .. j*n_rep+n_rep-1,
 as HF's repeat_kv). Order comes from the causal mask and the Mamba layers alone. No biases (HF ignores
 attention_bias too). With a HybridCache, row r's new K/V are written at [pos[r], pos[r] + L) of its own buffer row
-and its queries see keys j <= pos[r] + i (and no padded position of an HF-style left-padded prefill).
+and its queries see keys j <= pos[r] + i (and no padded position of an HF-style left-padded prefill). Packed rows
+(seq_idx, no cache) get a block-diagonal causal mask: a token attends only to earlier tokens of its own sequence.
 
 A query row that is itself padding sees only itself (so no row is all -inf); its output is never read.
 """
@@ -52,18 +53,24 @@ class Attention(nn.Module):
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
 
-    def forward(self, x, mask=None, kv=None, pos: torch.Tensor | None = None, span: tuple[int, int] | None = None):
+    def forward(self, x, mask=None, kv=None, pos: torch.Tensor | None = None, span: tuple[int, int] | None = None,
+                seq_idx=None):
         """x: (b, L, d). mask: (b, L) key padding (0 = pad) of the new tokens, or None. kv: (k_cache, v_cache,
         valid) of a HybridCache, each (b, nKV, T_max, hd) / (b, T_max); pos (b,) the rows' positions and span the
-        host-side (min, max) of pos (the caller reads it once per forward, so layers add no device syncs)."""
+        host-side (min, max) of pos (the caller reads it once per forward, so layers add no device syncs).
+        seq_idx: (b, L) packed-sequence numbers (cache-less calls only), or None."""
         b, L, _ = x.shape
         q, k, v = self._qkv(x)
         if kv is None:
-            if mask is None:
+            if mask is None and seq_idx is None:
                 return self._out(q, k, v, is_causal=L > 1)
-            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            keep = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None]            # (1, L, L) causal
+            if seq_idx is not None:      # block-diagonal: query t sees key s only within its own packed sequence
+                keep = keep & (seq_idx[:, :, None] == seq_idx[:, None, :])                    # (b, L, L)
+            if mask is not None:
+                keep = keep & mask.bool()[:, None, :]
             eye = torch.eye(L, dtype=torch.bool, device=x.device)
-            return self._out(q, k, v, attn_mask=((causal & mask.bool()[:, None, :]) | eye)[:, None])
+            return self._out(q, k, v, attn_mask=(keep | eye)[:, None])
         k_cache, v_cache, valid = kv
         lo, hi = span
         if lo == hi:                                      # every row at the same position: slice writes

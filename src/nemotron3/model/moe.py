@@ -12,6 +12,10 @@ Router (DeepSeek-V3 / Nemotron, HF NemotronHTopkRouter), in float32:
 
 The router, the experts and the dispatch are separate pieces so a trainer can update the bias (aux-loss-free
 balancing) and expert parallelism can replace `routed_experts` (tokens -> experts -> combine) from outside.
+In training mode each MoE layer adds its (token, slot) assignments per expert to the buffer `tokens_per_expert`
+(torchtitan's name), which the trainer reads and zeroes once per optimizer step for the bias update; a forward
+that needs the routing itself (the sequence aux loss) passes a dict `routing` that receives {layer_idx: RouterOutput}.
+Nothing is switched on or left behind on the modules between calls.
 Expert weights are fused 3-D parameters, experts.up_proj (E, m, L) and experts.down_proj (E, L, m), as in HF's
 memory layout; checkpoint.py maps them to the per-expert keys on disk. The dispatch loops over experts that got
 tokens (never over tokens); on CPU this beats torch's grouped_mm (measured 1.1 ms vs 1.4 ms, E=16, T*K=2048), whose
@@ -128,17 +132,26 @@ class MoE(nn.Module):
         self.gate = TopKRouter(config)
         self.experts = Experts(config.n_routed_experts, config.expert_input_size, config.moe_intermediate_size)
         self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size, config.mlp_bias)
-        self.last_router_output: RouterOutput | None = None   # set on each forward when record_router is True
-        self.record_router = False
+        # (E,) assignments routed to each expert by training forwards since the trainer last zeroed it
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long),
+                             persistent=False)
 
-    def route_and_run(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Routed part only: (T, d) -> (T, d)."""
+    def route(self, x_TD: torch.Tensor, routing: dict | None = None) -> RouterOutput:
         r = self.gate(x_TD)
-        if self.record_router:
-            self.last_router_output = r
+        if routing is not None:
+            routing[self.layer_idx] = r
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(r.ids_TK.reshape(-1), minlength=self.gate.num_experts)
+        return r
+
+    def route_and_run(self, x_TD: torch.Tensor, routing: dict | None = None) -> torch.Tensor:
+        """Routed part only: (T, d) -> (T, d)."""
+        r = self.route(x_TD, routing)
         return self.experts(x_TD, r.ids_TK, r.weights_TK)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: dict | None = None) -> torch.Tensor:
+        """x (..., d). routing: a dict that receives {layer_idx: RouterOutput} of this call, or None."""
         x_TD = x.reshape(-1, x.shape[-1])
-        out = self.route_and_run(x_TD) + self.shared_experts(x_TD)
+        out = self.route_and_run(x_TD, routing) + self.shared_experts(x_TD)
         return out.view_as(x)

@@ -7,7 +7,8 @@ For depth k = 1..D and position t, with h^0 = the main model's output after norm
 Checkpoint names are NVIDIA's flattened ones: mtp.layers.{block*len(pattern) + i}; the first layer of a block owns
 enorm/hnorm/eh_proj, the last owns final_layernorm. `num_nextn_predict_layers` physical blocks exist; depth k uses
 block min(k-1, n-1), so Super's single block is applied recursively for D=2 depths as it was trained (shared weights).
-Positions t >= L-k have no x_{t+k}: their inputs are rolled-in padding (id 0) and the loss masks them (training issue).
+Positions t >= L-k have no x_{t+k}: their inputs are rolled-in padding (id 0) and the loss masks them. In a packed
+row (seq_idx) the same holds at the end of every packed sequence: x_{t+k} of the next sequence is never read.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ class MultiTokenPrediction(nn.Module):
         return self.layers[blk * len(self.pattern):(blk + 1) * len(self.pattern)]
 
     def step(self, depth: int, h_prev: torch.Tensor, e_next: torch.Tensor, mask=None, cache=None, pos=None,
-             span=None, mamba_states=None):
+             span=None, mamba_states=None, seq_idx=None, routing=None):
         """One depth: h^{k-1} (b, L, d) and Embed(x_{t+k}) (b, L, d) -> h^k (b, L, d), final-normed. With a cache
         (positions pos, host span as in Block.forward) the block continues the cached sequence."""
         layers = self.block_layers(depth)
         u = self._project(layers[0], h_prev, e_next)
         for layer in layers:
-            u = layer(u, mask, cache, pos, span, mamba_states)
+            u = layer(u, mask, cache, pos, span, mamba_states, seq_idx, routing)
         return layers[-1].final_layernorm(u)
 
     def step_static(self, depth: int, h_prev: torch.Tensor, e_next: torch.Tensor, states: dict, pos: torch.Tensor,
@@ -66,12 +67,16 @@ class MultiTokenPrediction(nn.Module):
         """eh_proj([enorm(Embed(x_{t+k})) ; hnorm(h^{k-1}_t)]): 2d -> d, the embedding half first."""
         return first.eh_proj(torch.cat([first.enorm(e_next), first.hnorm(h_prev)], dim=-1))
 
-    def forward(self, h_main: torch.Tensor, input_ids: torch.Tensor, embed: nn.Embedding, depths: int, mask=None):
-        """Hidden states of depths 1..depths over a whole sequence (training / teacher forcing)."""
+    def forward(self, h_main: torch.Tensor, input_ids: torch.Tensor, embed: nn.Embedding, depths: int, mask=None,
+                seq_idx=None, routing=None):
+        """Hidden states of depths 1..depths over a whole sequence (training / teacher forcing). seq_idx (b, L):
+        packed-sequence numbers, or None. routing: a dict receiving the MoE layers' RouterOutputs, or None."""
         outs, h = [], h_main
         for k in range(1, depths + 1):
             ids_k = torch.roll(input_ids, shifts=-k, dims=1)
             ids_k[:, -k:] = 0                                                     # no token t+k past the end
-            h = self.step(k, h, embed(ids_k), mask)
+            if seq_idx is not None:                                               # nor in the next packed sequence
+                ids_k = ids_k.masked_fill(torch.roll(seq_idx, shifts=-k, dims=1) != seq_idx, 0)
+            h = self.step(k, h, embed(ids_k), mask, seq_idx=seq_idx, routing=routing)
             outs.append(h)
         return outs

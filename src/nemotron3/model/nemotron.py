@@ -27,7 +27,7 @@ from .latent_moe import build_moe
 from .loss import fused_linear_cross_entropy
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
-from .moe import Experts, MoE, RouterOutput, TopKRouter
+from .moe import Experts, RouterOutput, TopKRouter
 from .mtp import MultiTokenPrediction
 from .norm import RMSNorm
 
@@ -46,13 +46,32 @@ class NemotronOutput:
     mamba_states: dict = field(default_factory=dict)    # keep_mamba_states: layer -> states after every token
 
 
-def shifted_targets(labels: torch.Tensor, mask: torch.Tensor | None, shift: int) -> torch.Tensor:
-    """targets[t] = labels[t + shift]; -100 (ignored) past the end, and where position t or t + shift is padding."""
+def shifted_targets(labels: torch.Tensor, mask: torch.Tensor | None, shift: int,
+                    seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """targets[t] = labels[t + shift]; -100 (ignored) past the end, where position t or t + shift is padding, and
+    where t + shift lies in the next packed sequence (seq_idx)."""
+    shift = min(shift, labels.shape[1])                                      # rows shorter than the shift: no target
     targets = F.pad(labels[:, shift:], (0, shift), value=-100)
     if mask is not None:
         real = mask.bool() & F.pad(mask[:, shift:].bool(), (0, shift), value=False)
         targets = targets.masked_fill(~real, -100)
+    if seq_idx is not None:
+        targets = targets.masked_fill(F.pad(seq_idx[:, shift:], (0, shift), value=-1) != seq_idx, -100)
     return targets
+
+
+def packed_sequence_index(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """seq_idx (b, L): the packed sequence each position belongs to, from position_ids that restart at 0 at every
+    packed sequence (transformers' DataCollatorWithFlattening); None when no row restarts (one sequence per row)."""
+    restarts = position_ids[:, 1:] == 0
+    steps = (position_ids[:, 1:] == position_ids[:, :-1] + 1) | restarts
+    if not bool(steps.all()):
+        r, t = (~steps).nonzero()[0].tolist()
+        raise ValueError(f"position_ids[{r}, {t + 1}] = {int(position_ids[r, t + 1])} after {int(position_ids[r, t])}: "
+                         f"positions count 0, 1, 2, ... within each packed sequence and restart at 0 at the next.")
+    if not bool(restarts.any()):
+        return None
+    return F.pad(restarts.long(), (1, 0)).cumsum(1)                         # (b, L)
 
 
 class Block(nn.Module):
@@ -75,19 +94,23 @@ class Block(nn.Module):
 
 
     def forward(self, h, mask=None, cache: HybridCache | None = None, pos=None, span=None,
-                mamba_states: dict | None = None):
+                mamba_states: dict | None = None, seq_idx=None, routing=None):
         """h (b, L, d). With a cache: pos (b,) the rows' positions, span the host-side (min, max) of pos. A dict
         `mamba_states` asks Mamba layers to run token by token and store their states after every token in it
-        (layer index -> (conv (b, L, K-1, C), ssm (b, L, H, P, N))), for a speculative verifier."""
+        (layer index -> (conv (b, L, K-1, C), ssm (b, L, H, P, N))), for a speculative verifier. seq_idx (b, L):
+        packed-sequence numbers (cache-less); routing: a dict receiving MoE layers' RouterOutputs, or None."""
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "linear_attention":
             states = (cache.conv[self.layer_idx], cache.ssm[self.layer_idx]) if cache is not None else ()
             if mamba_states is not None and cache is not None:
                 x, mamba_states[self.layer_idx] = self.mixer(x, None, *states, keep_states=True)
             else:
-                x = self.mixer(x, mask if x.shape[1] > 1 else None, *states)
+                x = self.mixer(x, mask if x.shape[1] > 1 else None, *states, seq_idx=seq_idx)
         elif self.kind == "full_attention":
-            x = self.mixer(x, mask, cache.layer_state(self.layer_idx) if cache is not None else None, pos, span)
+            x = self.mixer(x, mask, cache.layer_state(self.layer_idx) if cache is not None else None, pos, span,
+                           seq_idx)
+        elif self.kind == "moe":
+            x = self.mixer(x, routing)
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
@@ -119,10 +142,11 @@ class NemotronModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
-    def forward(self, input_ids, mask=None, cache=None, pos=None, span=None, mamba_states=None):
+    def forward(self, input_ids, mask=None, cache=None, pos=None, span=None, mamba_states=None, seq_idx=None,
+                routing=None):
         h = self.embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, mask, cache, pos, span, mamba_states)
+            h = layer(h, mask, cache, pos, span, mamba_states, seq_idx, routing)
         return self.norm_f(h)
 
 
@@ -180,8 +204,10 @@ class NemotronForCausalLM(nn.Module):
 
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: HybridCache | None = None, *, labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                mtp_depths: int = 0, return_router: bool = False, keep_mamba_states: bool = False) -> NemotronOutput:
+                cache: HybridCache | None = None, *, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
+                loss_reduction: str = "mean", logits_to_keep: int = 0, mtp_depths: int = 0,
+                return_router: bool = False, keep_mamba_states: bool = False) -> NemotronOutput:
         """input_ids (b, L). attention_mask (b, L), or (b, cached + L) as HF generate passes it; 1 = token,
         0 = left padding. With `cache`, row r's tokens continue its cached sequence at position cache.pos[r] and the
         cache is advanced. logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D
@@ -189,19 +215,36 @@ class NemotronForCausalLM(nn.Module):
         themselves; shifted here, -100 ignored), adds .loss and .accuracy (and with mtp_depths, .mtp_losses /
         .mtp_accuracies per depth), computed fused with the LM head (loss.py) without materialising logits: then
         .logits and .mtp_logits stay empty unless logits_to_keep asks for some. Combining them (L + lambda/D sum
-        L_k) is the trainer's choice. keep_mamba_states=True (with a cache): Mamba layers run token by token and
-        .mamba_states holds their states after every token, so a speculative verifier can keep any prefix
-        (HybridCache.keep_prefix)."""
+        L_k) is the trainer's choice. loss_weights (b, L), aligned with labels, weighs the loss of predicting each
+        label (for every depth); loss_reduction "mean" (weighted mean over valid targets), "sum" (a trainer then
+        divides by its global count) or "none" ((b, L) per-position losses = minus the targets' log-probabilities),
+        as in loss.py. position_ids (b, L) packs several sequences into a row (transformers'
+        DataCollatorWithFlattening convention: positions restart at 0 at each sequence): attention is block-diagonal
+        causal, every Mamba layer restarts its conv window and state, MTP and the loss never cross a boundary, so
+        each sequence comes out as if run alone (no cache; the model has no positional encoding to feed).
+        keep_mamba_states=True (with a cache): Mamba layers run token by token and .mamba_states holds their states
+        after every token, so a speculative verifier can keep any prefix (HybridCache.keep_prefix)."""
         b, L = self._check_inputs(input_ids, cache)
         mask = self._new_token_mask(attention_mask, b, L)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {tuple(labels.shape)}; it must match input_ids "
                              f"{tuple(input_ids.shape)} (pass the input ids; they are shifted here).")
+        if loss_weights is not None and (labels is None or loss_weights.shape != labels.shape):
+            raise ValueError("loss_weights must come with labels and have their shape (one weight per label).")
         if mtp_depths and self.mtp is None:
             raise ValueError("mtp_depths > 0 but this model has no MTP heads (num_nextn_predict_layers=0).")
         if keep_mamba_states and (cache is None or mask is not None):
             raise ValueError("keep_mamba_states needs a cache and unpadded input_ids (it serves speculative "
                              "verification).")
+        seq_idx = None
+        if position_ids is not None:
+            if cache is not None:
+                raise ValueError("position_ids (packed sequences) is for cache-less forwards; run each sequence with "
+                                 "its own cache row instead.")
+            if position_ids.shape != input_ids.shape or position_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"position_ids must be an integer tensor shaped like input_ids "
+                                 f"{tuple(input_ids.shape)}; got {position_ids.dtype} {tuple(position_ids.shape)}.")
+            seq_idx = packed_sequence_index(position_ids)
         pos = span = None
         if cache is not None:
             pos = cache.reserve(L, mask)
@@ -214,36 +257,32 @@ class NemotronForCausalLM(nn.Module):
                 return NemotronOutput(logits=logits, hidden_states=h, mamba_states=mamba)
             lo, hi = pos.aminmax()
             span = (int(lo), int(hi))                                               # one host sync per forward
-        moe_layers = [m for m in self.modules() if isinstance(m, MoE)] if return_router else []
-        for m in moe_layers:
-            m.record_router = True
-        try:
-            mamba_states = {} if keep_mamba_states else None
-            h = self.backbone(input_ids, mask, cache, pos, span, mamba_states)
-            if cache is not None:
-                cache.advance(L)
-            out = NemotronOutput(logits=None, hidden_states=h, mamba_states=mamba_states or {})
-            if labels is not None:
-                out.loss, out.accuracy = fused_linear_cross_entropy(h, self.lm_head.weight,
-                                                                    shifted_targets(labels, mask, 1))
-            if labels is None or logits_to_keep:
-                out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
-            if mtp_depths:
-                out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask)
-                if labels is None:
-                    out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
-                else:   # depth k at position t predicts token t+k+1 (nemotron3_spec.md §2.2)
-                    for k, hk in enumerate(out.mtp_hidden_states, start=1):
-                        loss_k, acc_k = fused_linear_cross_entropy(hk, self.lm_head.weight,
-                                                                   shifted_targets(labels, mask, k + 1))
-                        out.mtp_losses.append(loss_k)
-                        out.mtp_accuracies.append(acc_k)
-            for m in moe_layers:                   # MTP layers appear (index >= num_hidden_layers) when they ran
-                if m.last_router_output is not None:
-                    out.router[m.layer_idx] = m.last_router_output
-        finally:
-            for m in moe_layers:
-                m.record_router, m.last_router_output = False, None
+
+        routing = {} if return_router else None    # MoE layer index -> RouterOutput (MTP layers: index >= n)
+        mamba_states = {} if keep_mamba_states else None
+        h = self.backbone(input_ids, mask, cache, pos, span, mamba_states, seq_idx, routing)
+        if cache is not None:
+            cache.advance(L)
+        out = NemotronOutput(logits=None, hidden_states=h, mamba_states=mamba_states or {})
+        if labels is not None:
+            def head_loss(hk, shift):                  # the LM head's loss against the labels `shift` ahead
+                w = None if loss_weights is None else F.pad(loss_weights[:, shift:], (0, min(shift, L)))
+                return fused_linear_cross_entropy(hk, self.lm_head.weight, shifted_targets(labels, mask, shift,
+                                                  seq_idx), weights=w, reduction=loss_reduction)
+            out.loss, out.accuracy = head_loss(h, 1)
+        if labels is None or logits_to_keep:
+            out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
+        if mtp_depths:
+            out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask, seq_idx,
+                                             routing)
+            if labels is None:
+                out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
+            else:   # depth k at position t predicts token t+k+1
+                for k, hk in enumerate(out.mtp_hidden_states, start=1):
+                    loss_k, acc_k = head_loss(hk, k + 1)
+                    out.mtp_losses.append(loss_k)
+                    out.mtp_accuracies.append(acc_k)
+        out.router = routing or {}
         return out
 
     @staticmethod

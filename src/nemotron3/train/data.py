@@ -197,6 +197,15 @@ class PackedWindows:
         return torch.from_numpy(np.asarray(self.tokens[s:s + self.seq_len + 1], dtype=np.int64))
 
 
+def document_position_ids(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(b, L) positions inside each document of a window: 0 at the window's start and after every end-of-document
+    token (which stays the last token of its document), counting up in between."""
+    b, L = ids.shape
+    starts = torch.nn.functional.pad(ids[:, :-1] == eos_id, (1, 0), value=True)          # (b, L)
+    t = torch.arange(L).expand(b, L)
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
+
+
 @dataclass
 class SamplerState:
     epoch: int = 0
