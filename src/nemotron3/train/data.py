@@ -90,42 +90,58 @@ def read_documents(path: str, field: str = "text"):
     """Yield the documents of a .txt (the whole file), a .jsonl (one JSON object per line, text in `field`), or a
     Hugging Face `datasets` dataset saved with save_to_disk (a directory; the `datasets` package is imported then)."""
     if os.path.isdir(path):
-        yield from _read_hf_dataset(path, field)
+        ds = open_hf_dataset(path, field)
+        for i, text in enumerate(ds[field]):
+            if not isinstance(text, str):
+                raise DataError(f"{path}: row {i} of column {field!r} is {type(text).__name__}, not text.")
+            yield text
         return
+    if path.endswith(".jsonl"):
+        for lineno, obj in read_jsonl(path):
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise DataError(f"{path}:{lineno}: no string field {field!r} (found {keys}); pass the right "
+                                f"field name.")
+            yield obj[field]
+        return
+    _check_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        yield data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason}); re-encode the file as UTF-8.") from None
+
+
+def _check_file(path: str) -> None:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file.")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty.")
-    if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the "
-                                    f"file as UTF-8.") from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}).") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise DataError(f"{path}:{lineno}: no string field {field!r} (found {keys}); pass the right "
-                                    f"field name.")
-                yield obj[field]
-    else:
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            yield data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 ({e.reason}); re-encode the file as UTF-8.") from None
 
 
-def _read_hf_dataset(path: str, field: str):
+def read_jsonl(path: str):
+    """Yield (line number, parsed JSON value) for each non-blank line; DataError names the file:line of a line
+    that is not UTF-8 or not JSON."""
+    _check_file(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the "
+                                f"file as UTF-8.") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}).") from None
+
+
+def open_hf_dataset(path: str, column: str):
+    """A dataset saved with save_to_disk (its 'train' split if it is a DatasetDict), checked to have `column`."""
     try:
         import datasets
     except ImportError:
@@ -138,12 +154,9 @@ def _read_hf_dataset(path: str, field: str):
         if "train" not in ds:
             raise DataError(f"{path}: a DatasetDict without a 'train' split (has {sorted(ds)}).")
         ds = ds["train"]
-    if field not in ds.column_names:
-        raise DataError(f"{path}: no column {field!r} (columns {ds.column_names}); pass the right field name.")
-    for i, text in enumerate(ds[field]):
-        if not isinstance(text, str):
-            raise DataError(f"{path}: row {i} of column {field!r} is {type(text).__name__}, not text.")
-        yield text
+    if column not in ds.column_names:
+        raise DataError(f"{path}: no column {column!r} (columns {ds.column_names}); pass the right field name.")
+    return ds
 
 
 def tokenize_to_file(paths: list[str], tokenizer, out_prefix: str, field: str = "text") -> str:
