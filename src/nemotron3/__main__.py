@@ -6,6 +6,7 @@
     nemotron3 serve --model runs/demo/final --port 8000   # OpenAI-compatible server (continuous batching)
     nemotron3 demo                                        # what `make demo` runs
     nemotron3 train --preset tiny --out runs/tiny --max-steps 300 --save-every 100 [--resume]
+    nemotron3 sft --model runs/demo/final --data builtin --out runs/sft   # fine-tune on conversations
 
 Each command is a `main(argv)`; a bad flag value ends with one line naming the flag and the fix.
 """
@@ -17,7 +18,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "plot")
+COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "sft", "plot")
 
 
 class UserError(Exception):
@@ -326,8 +327,9 @@ def main(argv=None):
     from .train.data import DataError
     from .train.plot import main as plot_main
     from .train.pretrain import main as train_main
+    from .train.sft import main as sft_main
     handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "serve": serve_main,
-               "demo": demo_main, "train": train_main,
+               "demo": demo_main, "train": train_main, "sft": sft_main,
                "plot": plot_main}[argv[0]]
     from .checkpoint import CheckpointError
     try:
