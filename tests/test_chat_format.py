@@ -133,6 +133,8 @@ def test_malformed_tool_calls_are_named(text, match):
      "reasoning given twice"),
     ([{"role": "user", "content": "x"}, {"role": "system", "content": "late"}, {"role": "assistant", "content": "y"}],
      r"messages\[1\]: a system message may only come first"),
+    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "y"}],
+     r"messages\[1\]: the first turn \(after an optional system message\) must be the user's"),
 ])
 def test_bad_conversations_name_the_field(messages, match):
     with pytest.raises(ValueError, match=match):

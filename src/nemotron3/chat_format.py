@@ -35,6 +35,7 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")   # function and parameter name
 
 
 def generation_prompt(enable_thinking: bool = True) -> str:
+    """What a prompt ends with when the model is to answer: the assistant header and the opened (or empty) thought."""
     return f"{IM_START}assistant\n" + ("<think>\n" if enable_thinking else "<think></think>")
 
 
@@ -55,7 +56,7 @@ def normalize_messages(messages, tools=None, require_assistant: bool = True) -> 
         role = m.get("role")
         if role not in ROLES:
             raise ValueError(f"{where}.role: unknown role {role!r}; use one of {', '.join(ROLES)}.")
-        if role != "system" and not any(o["role"] != "system" for o in out) and role != "user":
+        if role in ("assistant", "tool") and all(o["role"] == "system" for o in out):
             raise ValueError(f"{where}: the first turn (after an optional system message) must be the user's, "
                              f"not {role!r}.")
         content = m.get("content")
@@ -70,7 +71,6 @@ def normalize_messages(messages, tools=None, require_assistant: bool = True) -> 
                              f"tool result).")
         if role == "system" and i > 0:
             raise ValueError(f"{where}: a system message may only come first.")
-
         pending_calls = pending_calls and role == "tool"
         out.append({"role": role, "content": content})
     if require_assistant and not any(m["role"] == "assistant" for m in out):
