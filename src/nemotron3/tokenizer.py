@@ -23,6 +23,8 @@ class ByteTokenizer:
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """ids and, for each, the index of the character it belongs to (a character is 1-4 bytes)."""
+        if text.isascii():
+            return list(text.encode("ascii")), list(range(len(text)))
         ids, starts = [], []
         for i, ch in enumerate(text):
             b = ch.encode("utf-8")

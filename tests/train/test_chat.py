@@ -144,7 +144,7 @@ def test_packed_rows_restart_positions_and_hold_every_conversation_once_per_epoc
     convs = make_convs(60)
     data = PackedConversations(convs, TOK, PackingConfig(seq_len=256, batch_size=2, reasoning_off_share=0.0,
                                                          truncate_share=0.0))
-    rows = data._plan(0)
+    rows = data.rows(0)
     assert sorted(i for r in rows for i in r) == list(range(60))
     batch = data.collate(rows[:3])
     for b, row in enumerate(rows[:3]):
@@ -164,7 +164,7 @@ def test_resume_and_ranks_reproduce_the_uninterrupted_stream():
     convs = make_convs(80)
     cfg = PackingConfig(seq_len=128, batch_size=2, seed=3)
     full = PackedConversations(convs, TOK, cfg)
-    stream = [full.next_batch() for _ in range(full.rows_per_epoch(0) // 2 + 3)]      # crosses an epoch
+    stream = [full.next_batch() for _ in range(len(full.rows(0)) // 2 + 3)]      # crosses an epoch
     part = PackedConversations(convs, TOK, cfg)
     for _ in range(4):
         part.next_batch()
@@ -182,7 +182,7 @@ def test_per_conversation_weights_give_the_mean_of_conversation_means():
     convs = make_convs(30)
     data = PackedConversations(convs, TOK, PackingConfig(seq_len=256, batch_size=2, loss_norm="conversation",
                                                          reasoning_off_share=0.0, truncate_share=0.0))
-    rows = data._plan(0)[:2]
+    rows = data.rows(0)[:2]
     batch = data.collate(rows)
     loss = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(0))
     ours = (batch["loss_weights"] * loss).sum()

@@ -22,7 +22,7 @@ def test_per_conversation_loss_equals_the_fused_token_mean_for_one_conversation(
     tok = ByteTokenizer()
     by_conv = PackedConversations(convs, tok, PackingConfig(**{**cfg.__dict__, "loss_norm": "conversation"}))
     by_token = PackedConversations(convs, tok, cfg)
-    row = [by_conv._plan(0)[0][:1]]                                  # one conversation alone in its row
+    row = [by_conv.rows(0)[0][:1]]                                  # one conversation alone in its row
     sft = SFTConfig(preset="tiny", mtp_depths=0)
     _, conv_loss = sft_loss(model, by_conv.collate(row), sft, 0, packed=False)
     _, token_loss = sft_loss(model, by_token.collate(row), sft, 0, packed=False)

@@ -228,7 +228,7 @@ class PackedConversations:
         self.pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.epoch, self.batch = 0, 0
         self._plan_epoch, self._rows, self._encoded = None, [], {}
-        if len(self._plan(0)) < cfg.batch_size * world_size:
+        if len(self.rows(0)) < cfg.batch_size * world_size:
             raise DataError(f"{len(self.convs)} usable conversations fill {len(self._rows)} rows of {cfg.seq_len} "
                             f"tokens, fewer than one global batch of {cfg.batch_size * world_size}; add data or "
                             f"lower --batch-size / --seq-len.")
@@ -243,7 +243,7 @@ class PackedConversations:
         enc = encode_conversation(conv, self.tok, cut if self.cfg.mask_forced_close else None)
         return (enc, kind) if len(enc.input_ids) <= self.cfg.seq_len else (self.base[index], "none")
 
-    def _plan(self, epoch: int) -> list[list[int]]:
+    def rows(self, epoch: int) -> list[list[int]]:
         """The epoch's rows (lists of conversation indices), first-fit over a window of open rows."""
         if self._plan_epoch == epoch:
             return self._rows
@@ -268,14 +268,11 @@ class PackedConversations:
         self._plan_epoch, self._rows = epoch, rows
         return rows
 
-    def rows_per_epoch(self, epoch: int = 0) -> int:
-        return len(self._plan(epoch))
-
     def next_batch(self) -> dict:
         B, G = self.cfg.batch_size, self.cfg.batch_size * self.world
-        if (self.batch + 1) * G > len(self._plan(self.epoch)):
+        if (self.batch + 1) * G > len(self.rows(self.epoch)):
             self.epoch, self.batch = self.epoch + 1, 0
-        rows = self._plan(self.epoch)[self.batch * G + self.rank * B:self.batch * G + (self.rank + 1) * B]
+        rows = self.rows(self.epoch)[self.batch * G + self.rank * B:self.batch * G + (self.rank + 1) * B]
         self.batch += 1
         return self.collate(rows)
 

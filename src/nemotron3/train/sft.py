@@ -130,12 +130,11 @@ def sft_loss(model, batch: dict, cfg: SFTConfig, mtp_depths: int, packed: bool):
 
 @torch.no_grad()
 def eval_loss(model, data: PackedConversations, cfg: SFTConfig, packed: bool, batches: int = 4) -> float:
+    """Mean main loss over the first `batches` batches of the held-out rows (no augmentation, no MTP)."""
     model.eval()
-    saved = data.state_dict()
-    data.load_state_dict({"epoch": 0, "batch": 0})
-    n = min(batches, max(1, data.rows_per_epoch(0) // cfg.batch_size))
-    losses = [sft_loss(model, _to(data.next_batch(), model), cfg, 0, packed)[1].item() for _ in range(n)]
-    data.load_state_dict(saved)
+    rows, B = data.rows(0)[:batches * cfg.batch_size], cfg.batch_size
+    losses = [sft_loss(model, _to(data.collate(rows[i:i + B]), model), cfg, 0, packed)[1].item()
+              for i in range(0, len(rows), B)]
     model.train()
     return sum(losses) / len(losses)
 
@@ -165,8 +164,8 @@ def train_sft(cfg: SFTConfig, log=print) -> str:
     train_convs, heldout_convs = load_data(cfg)
     data = PackedConversations(train_convs, tok, cfg.packing(), log=log)
     heldout = PackedConversations(heldout_convs, tok, PackingConfig(
-        seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, reasoning_off_share=0.0, truncate_share=0.0,
-        loss_norm=cfg.loss_norm), log=log) if heldout_convs else None
+        seq_len=cfg.seq_len, batch_size=1, seed=cfg.seed, reasoning_off_share=0.0, truncate_share=0.0,
+        loss_norm=cfg.loss_norm), log=lambda *_: None) if heldout_convs else None
     optimizer = make_optimizer(model, cfg)
     decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
     schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start), cfg.decay_fraction, 0.01,
