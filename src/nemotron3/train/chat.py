@@ -155,9 +155,10 @@ def augment(conv: Conversation, rng: random.Random, tokenizer, reasoning_off_sha
     if u >= reasoning_off_share + truncate_share:
         return conv, "none", None
     last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
-    # only final answers after the last user message: history turns lose their thought anyway, and a tool-calling
-    # turn with no text would have the "\n\n" after </think> trimmed by the template
-    turns = [i for i, m in enumerate(msgs) if i > last_user and m.get("reasoning_content") and not m.get("tool_calls")]
+    # only non-empty final answers after the last user message: history turns lose their thought anyway, and the
+    # template trims the "\n\n" after </think> when nothing but tool calls (or nothing at all) follows it
+    turns = [i for i, m in enumerate(msgs) if i > last_user and m.get("reasoning_content") and not m.get("tool_calls")
+             and m["content"].strip()]
     if not turns:
         return conv, "none", None
     i = rng.choice(turns)

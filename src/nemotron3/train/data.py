@@ -78,7 +78,7 @@ def builtin_documents(seed: int, split: str = "train"):
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}; use 'train' or 'heldout'.")
     rng = random.Random(f"nemotron3-builtin-{seed}-{split}")
-    kinds = (arithmetic_doc, arithmetic_doc, retrieval_doc, prose_doc)        # half arithmetic
+    kinds = (arithmetic_doc,) * 6 + (retrieval_doc, prose_doc)               # three quarters arithmetic
     while True:
         yield rng.choice(kinds)(rng)
 
