@@ -158,6 +158,8 @@ def test_packed_rows_restart_positions_and_hold_every_conversation_once_per_epoc
             t += n
         assert (batch["labels"][b, t:] == -100).all() and batch["position_ids"][b, t:].tolist() == list(range(256 - t))
     assert batch["loss_weights"] is None
+    alone = PackedConversations(convs, TOK, PackingConfig(seq_len=256, batch_size=2, pack=False)).rows(0)
+    assert sorted(r[0] for r in alone) == list(range(60)) and {len(r) for r in alone} == {1}
 
 
 def test_resume_and_ranks_reproduce_the_uninterrupted_stream():

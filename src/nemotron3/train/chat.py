@@ -191,6 +191,8 @@ class PackingConfig:
     the mean over the batch's conversations (Super's second SFT stage), via loss_weights."""
     pack_window: int = 16
     """Rows kept open for first-fit packing."""
+    pack: bool = True
+    """False: one conversation per row, right-padded (for a model that cannot keep packed conversations apart)."""
 
     def __post_init__(self):
         if self.seq_len < 8 or self.batch_size < 1:
@@ -257,7 +259,7 @@ class PackedConversations:
             if kind != "none":
                 self._encoded[idx] = enc
             n = len(enc.input_ids)
-            slot = next((r for r in open_rows if r[0] >= n), None)
+            slot = next((r for r in open_rows if r[0] >= n), None) if self.cfg.pack else None
             if slot is None:
                 slot = [self.cfg.seq_len, []]
                 open_rows.append(slot)

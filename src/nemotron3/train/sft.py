@@ -11,8 +11,8 @@ Per step (NANO §3.1.5-3.1.6, SUPER §3.1):
     plus lambda/D sum_k L_k for the MTP depths the model has, normalised the same way.
 Written against the current pretraining helpers (make_optimizer, WSDSchedule, save/load_checkpoint); MoE expert
 balancing, gradient accumulation and data parallelism are left to the shared trainer this loop will move into.
-Rows carry position_ids that restart per conversation; a model whose forward does not take them yet sees the
-conversations of a row as one sequence (logged once).
+Rows carry position_ids that restart per conversation; for a model whose forward does not take them yet, each row
+holds one conversation (right-padded), so that no conversation sees another.
 """
 
 from __future__ import annotations
@@ -90,10 +90,10 @@ class SFTConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device {self.device}: use auto, cpu or cuda.")
 
-    def packing(self) -> PackingConfig:
+    def packing(self, pack: bool = True) -> PackingConfig:
         return PackingConfig(seq_len=self.seq_len, batch_size=self.batch_size, seed=self.seed,
                              reasoning_off_share=self.reasoning_off_share, truncate_share=self.truncate_share,
-                             mask_forced_close=self.mask_forced_close, loss_norm=self.loss_norm)
+                             mask_forced_close=self.mask_forced_close, loss_norm=self.loss_norm, pack=pack)
 
 
 def load_data(cfg: SFTConfig):
@@ -159,13 +159,12 @@ def train_sft(cfg: SFTConfig, log=print) -> str:
     mtp_depths = cfg.mtp_depths if model.mtp is not None else 0
     packed = "position_ids" in inspect.signature(model.forward).parameters
     if not packed:
-        log("note: this model's forward takes no position_ids yet; the conversations of a row are seen as one "
-            "sequence (the loss mask is unchanged).")
+        log("note: this model's forward takes no position_ids yet, so each row holds one conversation (padded).")
     train_convs, heldout_convs = load_data(cfg)
-    data = PackedConversations(train_convs, tok, cfg.packing(), log=log)
+    data = PackedConversations(train_convs, tok, cfg.packing(pack=packed), log=log)
     heldout = PackedConversations(heldout_convs, tok, PackingConfig(
         seq_len=cfg.seq_len, batch_size=1, seed=cfg.seed, reasoning_off_share=0.0, truncate_share=0.0,
-        loss_norm=cfg.loss_norm), log=lambda *_: None) if heldout_convs else None
+        loss_norm=cfg.loss_norm, pack=packed), log=lambda *_: None) if heldout_convs else None
     optimizer = make_optimizer(model, cfg)
     decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
     schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start), cfg.decay_fraction, 0.01,
