@@ -57,7 +57,7 @@ def test_grader_accepts_the_reference_turn_and_rejects_wrong_or_malformed_calls(
     assert calls and answers
     item = calls[0]
     arg = next(iter(item.call.arguments))
-    good = (f"Use {item.call.name}.\n</think>\n<tool_call>\n<function={item.call.name}>\n<parameter={arg}>\n"
+    good = (f"Use {item.call.name}: {item.call.arguments[arg]}.\n</think>\n<tool_call>\n<function={item.call.name}>\n<parameter={arg}>\n"
             f"{item.call.arguments[arg]}\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n")
     assert score_reply(item, good)
     assert not score_reply(item, good.replace(f"\n{item.call.arguments[arg]}\n", "\n0\n"))         # wrong argument

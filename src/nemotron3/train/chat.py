@@ -11,7 +11,7 @@ adds itself ("<|im_start|>assistant\\n<think>\\n", or "...<think></think>" for a
 including the end-of-turn marker: reasoning, answer, tool calls and "<|im_end|>". System, user and tool tokens, and
 the newline after "<|im_end|>", are never trained on. The spans come from the template itself (assistant_spans),
 so a checkpoint's own Jinja template works as well as the built-in one; an earlier turn that
-truncate_history_thinking shows without its thought ("<think></think>\nanswer") is trained on in that form.
+truncate_history_thinking shows without its thought ("<think></think>\\nanswer") is trained on in that form.
 
 Budget control (Nano 3 SFT, NANO §3.1.5): each conversation with reasoning is, with probability
 reasoning_off_share, stripped of all reasoning (rendered "<think></think>answer"), or, with probability

@@ -4,7 +4,7 @@
 Kinds (shares of the stream), all short enough for the `tiny` preset at seq_len 512 with the byte tokenizer:
     arithmetic   "3+8-4=?"        reasoning "3+8=11, 11-4=7."          answer "7"                        30%
     lookup       "k3=v7 k12=v4 ... k12?"   reasoning "k12=v4."          answer "v4"                      25%
-    calculator   "37*45=?" with the calc tool listed: reasoning "Use calc.", the call calc(expr="37*45"), the
+    calculator   "37*45=?" with the calc tool listed: reasoning "Use calc: 37*45.", the call calc(expr="37*45"), the
                  result as a tool turn, then reasoning "Got 1665." and the answer "1665"                        20%
     key lookup   "k17?" with the lookup tool listed: lookup(key="k17"), the result, the answer               15%
     follow-up    two turns: "3+4=?" -> "7", then "plus 5?" -> "7+5=12." -> "12" (the first thought is dropped
@@ -64,7 +64,7 @@ def _tool_chat(tool, question, arg_name, arg, result):
     name = tool["function"]["name"]
     return {"tools": [tool], "messages": [
         {"role": "user", "content": question},
-        {"role": "assistant", "content": "", "reasoning_content": f"Use {name}.",
+        {"role": "assistant", "content": "", "reasoning_content": f"Use {name}: {arg}.",   # restated: a shorter copy
          "tool_calls": [{"type": "function", "function": {"name": name, "arguments": {arg_name: arg}}}]},
         {"role": "tool", "content": result},
         {"role": "assistant", "content": result, "reasoning_content": f"Got {result}."}]}
