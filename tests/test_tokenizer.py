@@ -80,7 +80,8 @@ def test_hf_template_with_tools_and_offsets_match_transformers(hf_dir):
     ref = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     ours = HFTokenizer(str(hf_dir / "tokenizer.json"))
     messages = TOOL_LOOP[:4] + [{"role": "assistant", "content": "ok", "reasoning_content": "<b> & \"q\""}]
-    messages[2] = {**messages[2], "tool_calls": [{"name": "calculator", "arguments": {"expression": "1<2", "o": {"b": 1, "a": [2]}}}]}
+    args = {"expression": "1<2", "o": {"b": 1, "a": [2]}}
+    messages[2] = {**messages[2], "tool_calls": [{"name": "calculator", "arguments": args}]}
     text = ours.apply_chat_template(messages, tools=[CALC], add_generation_prompt=True, enable_thinking=False)
     assert text == ref.apply_chat_template(messages, tools=[CALC], tokenize=False, add_generation_prompt=True,
                                            enable_thinking=False)

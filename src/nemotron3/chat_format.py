@@ -1,13 +1,17 @@
-"""Nemotron 3's chat format: message normalisation, the built-in renderer (what byte-level models speak) and the one
+r"""Nemotron 3's chat format: message normalisation, the built-in renderer (what byte-level models speak) and the one
 tool-call parser (server, RL and evaluation all use it).
 
 The format (Nemotron 3 Nano's chat template; NANO §3.1.1, white paper §2.7):
-    <|im_start|>system\n{system}[\n\n]# Tools\n\nYou have access to the following functions:\n\n<tools>...</tools><|im_end|>\n
+    <|im_start|>system\n{system}<|im_end|>\n                                         no tools
+    <|im_start|>system\n{system}\n\n# Tools\n\nYou have access to the following functions:\n\n<tools>
+        \n<function>\n<name>NAME</name>\n<description>...\n<parameters>...</parameters>\n</function>...
+    \n</tools><|im_end|>\n                                                          tools (no "\n\n" without a system)
     <|im_start|>user\n{text}<|im_end|>\n
     <|im_start|>assistant\n<think>\n{reasoning}\n</think>\n{answer}<|im_end|>\n         a turn with reasoning
     <|im_start|>assistant\n<think></think>{answer}<|im_end|>\n                           reasoning off
-    <|im_start|>assistant\n...\n<tool_call>\n<function=NAME>\n<parameter=ARG>\nvalue\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n
-    <|im_start|>user\n<tool_response>\n{result}\n</tool_response>\n<|im_end|>\n        tool results (consecutive ones share a turn)
+    <|im_start|>assistant\n...\n<tool_call>\n<function=NAME>\n<parameter=ARG>\nvalue\n</parameter>\n
+        </function>\n</tool_call>\n<|im_end|>\n                                      a tool-calling turn
+    <|im_start|>user\n<tool_response>\n{result}\n</tool_response>\n<|im_end|>\n     tool results (one turn for a run)
 The system turn is always present (empty without a system message). The generation prompt is
 "<|im_start|>assistant\n<think>\n" (enable_thinking=True) or "<|im_start|>assistant\n<think></think>" (False).
 truncate_history_thinking (default True) replaces the reasoning of assistant turns before the last user message by

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from .chat_format import normalize_messages, normalize_tools, render_chat
+from .chat_format import normalize_messages, render_chat
 
 
 class ByteTokenizer:

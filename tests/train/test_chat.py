@@ -14,7 +14,7 @@ import torch
 
 from nemotron3.chat_format import FORCED_THINK_CLOSE
 from nemotron3.tokenizer import ByteTokenizer, HFTokenizer
-from nemotron3.train.chat import (Conversation, PackedConversations, PackingConfig, augment, conversation_from_record,
+from nemotron3.train.chat import (PackedConversations, PackingConfig, augment, conversation_from_record,
                                   encode_conversation, load_conversations)
 from nemotron3.train.data import DataError
 from tests.reference.nano3_template import NANO3_TEMPLATE
@@ -133,7 +133,8 @@ def make_convs(n, seed=0):
     for k in range(n):
         a, b = rng.randrange(100), rng.randrange(100)
         msgs = [{"role": "user", "content": f"{a}+{b}=?"},
-                {"role": "assistant", "content": str(a + b), "reasoning_content": f"{a}+{b}={a + b}." * rng.randrange(1, 4)}]
+                {"role": "assistant", "content": str(a + b),
+                 "reasoning_content": f"{a}+{b}={a + b}." * rng.randrange(1, 4)}]
         if k % 3 == 0:
             msgs += [{"role": "user", "content": "again"}, {"role": "assistant", "content": str(a + b)}]
         out.append(conv(msgs))

@@ -57,8 +57,8 @@ def test_grader_accepts_the_reference_turn_and_rejects_wrong_or_malformed_calls(
     assert calls and answers
     item = calls[0]
     arg = next(iter(item.call.arguments))
-    good = (f"Use {item.call.name}: {item.call.arguments[arg]}.\n</think>\n<tool_call>\n<function={item.call.name}>\n<parameter={arg}>\n"
-            f"{item.call.arguments[arg]}\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n")
+    good = (f"Use {item.call.name}: {item.call.arguments[arg]}.\n</think>\n<tool_call>\n<function={item.call.name}>\n"
+            f"<parameter={arg}>\n{item.call.arguments[arg]}\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n")
     assert score_reply(item, good)
     assert not score_reply(item, good.replace(f"\n{item.call.arguments[arg]}\n", "\n0\n"))         # wrong argument
     assert not score_reply(item, good.replace("</function>\n", ""))                                 # malformed
@@ -67,4 +67,5 @@ def test_grader_accepts_the_reference_turn_and_rejects_wrong_or_malformed_calls(
     assert score_reply(a, f"whatever.\n</think>\n{a.answer}<|im_end|>\n<|im_start|>user")
     assert not score_reply(a, f"whatever.\n</think>\n{a.answer}0<|im_end|>")
     assert tool_call_matches("<tool_call>\n<function=f>\n<parameter=n>\n3\n</parameter>\n</function>\n</tool_call>",
-                             ToolCall("f", {"n": 3}), [{"name": "f", "parameters": {"properties": {"n": {"type": "integer"}}}}])
+                             ToolCall("f", {"n": 3}),
+                             [{"name": "f", "parameters": {"properties": {"n": {"type": "integer"}}}}])

@@ -157,7 +157,8 @@ def open_hf_dataset(path: str, column: str):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path} is a directory; reading a Hugging Face dataset needs `pip install datasets`.") from None
+        raise DataError(f"{path} is a directory; reading a Hugging Face dataset needs `pip install datasets`.") \
+            from None
     try:
         ds = datasets.load_from_disk(path)
     except FileNotFoundError as e:
