@@ -203,9 +203,10 @@ def train_sft(cfg: SFTConfig, log=print) -> str:
                 record["eval_loss"] = eval_loss(model, heldout, cfg, packed)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            log(f"step {step}/{cfg.max_steps} loss {record['loss']:.4f} lr {lr:.2e} "
-                f"{record['tokens_per_s']:.0f} tok/s" + (f" eval {record['eval_loss']:.4f}" if "eval_loss" in record
-                                                          else ""))
+            if step % 10 == 0 or step == cfg.max_steps or "eval_loss" in record:
+                log(f"step {step}/{cfg.max_steps} loss {record['loss']:.4f} lr {lr:.2e} "
+                    f"{record['tokens_per_s']:.0f} tok/s" + (f" eval {record['eval_loss']:.4f}"
+                                                              if "eval_loss" in record else ""))
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save_checkpoint(cfg.out, step, model, optimizer, {"data": data.state_dict(), "config": asdict(cfg)},
                                 cfg.keep_last)
