@@ -1,5 +1,6 @@
 """Tokenizers. Oracle: transformers' PreTrainedTokenizerFast on the same tokenizer.json / tokenizer_config.json
-(test-only dependency), for encoding and for the chat template with enable_thinking on and off."""
+(test-only dependency), for encoding, offsets, and the chat template with enable_thinking on and off and with
+tools (NVIDIA's Nano 3 template, tests/reference/nano3_template.py); hand-written strings for the byte template."""
 
 import json
 
@@ -67,3 +68,38 @@ def test_missing_template_is_a_clear_error(hf_dir):
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="no chat_template"):
         HFTokenizer(str(hf_dir / "tokenizer.json")).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_hf_template_with_tools_and_offsets_match_transformers(hf_dir):
+    transformers = pytest.importorskip("transformers")
+    from tests.reference.nano3_template import NANO3_TEMPLATE
+    from tests.test_chat_format import CALC, TOOL_LOOP
+    cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = NANO3_TEMPLATE
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ref = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    ours = HFTokenizer(str(hf_dir / "tokenizer.json"))
+    messages = TOOL_LOOP[:4] + [{"role": "assistant", "content": "ok", "reasoning_content": "<b> & \"q\""}]
+    args = {"expression": "1<2", "o": {"b": 1, "a": [2]}}
+    messages[2] = {**messages[2], "tool_calls": [{"name": "calculator", "arguments": args}]}
+    text = ours.apply_chat_template(messages, tools=[CALC], add_generation_prompt=True, enable_thinking=False)
+    assert text == ref.apply_chat_template(messages, tools=[CALC], tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=False)
+    assert '{"b": 1, "a": [2]}' in text                            # transformers' tojson: key order, no escaping
+    ids, starts = ours.encode_with_offsets(text)
+    enc = ref(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert ids == enc["input_ids"] and starts == [s for s, _ in enc["offset_mapping"]]
+
+
+def test_byte_template_is_nemotron3_format_with_offsets_per_character():
+    tok = ByteTokenizer()
+    messages = [{"role": "user", "content": "hé?"}, {"role": "assistant", "content": "<think>x</think>\ny"},
+                {"role": "user", "content": "z"}]
+    assert tok.apply_chat_template(messages) == (
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhé?<|im_end|>\n<|im_start|>assistant\n<think></think>\n"
+        "y<|im_end|>\n<|im_start|>user\nz<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    assert tok.apply_chat_template(messages[:1], enable_thinking=False).endswith("assistant\n<think></think>")
+    ids, starts = tok.encode_with_offsets("hé?")
+    assert ids == list("hé?".encode()) and starts == [0, 1, 1, 2]
+    with pytest.raises(ValueError, match=r"messages\[0\]\.role: unknown role 'bot'"):
+        tok.apply_chat_template([{"role": "bot", "content": "x"}])

@@ -6,6 +6,7 @@
     nemotron3 serve --model runs/demo/final --port 8000   # OpenAI-compatible server (continuous batching)
     nemotron3 demo                                        # what `make demo` runs
     nemotron3 train --preset tiny --out runs/tiny --max-steps 300 --save-every 100 [--resume]
+    nemotron3 sft --model runs/demo/final --data builtin --out runs/sft   # fine-tune on conversations
 
 Each command is a `main(argv)`; a bad flag value ends with one line naming the flag and the fix.
 """
@@ -17,7 +18,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "plot", "eval")
+COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "sft", "plot", "eval")
 
 
 class UserError(Exception):
@@ -329,8 +330,8 @@ def main(argv=None):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "serve": serve_main,
-               "demo": demo_main, "train": _lazy("train.pretrain"), "plot": _lazy("train.plot"),
-               "eval": _lazy("eval")}[argv[0]]
+               "demo": demo_main, "train": _lazy("train.pretrain"), "sft": _lazy("train.sft"),
+               "plot": _lazy("train.plot"), "eval": _lazy("eval")}[argv[0]]
     from .checkpoint import CheckpointError
     try:
         handler(argv[1:])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 
+from .chat_format import normalize_messages, render_chat
+
 
 class ByteTokenizer:
     """ids 0..255 are the UTF-8 bytes; 0 (NUL, absent from text) doubles as the end-of-document token."""
@@ -19,25 +21,27 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """ids and, for each, the index of the character it belongs to (a character is 1-4 bytes)."""
+        if text.isascii():
+            return list(text.encode("ascii")), list(range(len(text)))
+        ids, starts = [], []
+        for i, ch in enumerate(text):
+            b = ch.encode("utf-8")
+            ids += b
+            starts += [i] * len(b)
+        return ids, starts
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            enable_thinking: bool = True, **kwargs) -> str:
-        """The built-in corpus's format (what the demo model learned): "Q: ...\n<think>...</think>\nA: ...\n".
-        System messages are prepended as plain lines; earlier answers keep no reasoning (as Nemotron 3's template
-        drops earlier turns' thinking). enable_thinking=False prefills an empty thought."""
-        out = []
-        for m in messages:
-            role, content = m.get("role"), m.get("content", "")
-            if role == "system":
-                out.append(f"{content}\n")
-            elif role == "user":
-                out.append(f"Q: {content}\n")
-            elif role == "assistant":
-                out.append(f"<think></think>\nA: {content}\n")
-            else:
-                raise ValueError(f"unknown chat role {role!r}: use system, user or assistant.")
-        if add_generation_prompt:
-            out.append("<think>" if enable_thinking else "<think></think>\nA: ")
-        return "".join(out)
+                            enable_thinking: bool = True, tools: list[dict] | None = None,
+                            truncate_history_thinking: bool = True, **kwargs) -> str:
+        """Nemotron 3's chat format (chat_format.py: ChatML turns, <think> reasoning, tools in <tools>, XML tool
+        calls, <tool_response> results), the format the demo model is trained on. The markers are plain text here
+        (256 ids): "<|im_start|>" is 12 bytes and a turn ends with the text "<|im_end|>". Other template kwargs are
+        ignored, as a Jinja template ignores variables it does not use."""
+        msgs, tools = normalize_messages(messages, tools, require_assistant=False)
+        return render_chat(msgs, tools, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+                           truncate_history_thinking=truncate_history_thinking)
 
 
 class HFTokenizer:
@@ -68,24 +72,36 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """The prompt text for `messages`; kwargs reach the template (Nemotron 3: enable_thinking=True/False)."""
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """ids and, for each, the index of its first character in text."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, [start for start, _ in enc.offsets]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **kwargs) -> str:
+        """The prompt text for `messages` (and `tools`, JSON schemas); kwargs reach the template (Nemotron 3:
+        enable_thinking, truncate_history_thinking)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat_template in tokenizer_config.json; format the prompt "
                              "yourself or add a template.")
         try:
             from jinja2.exceptions import TemplateError
+            from jinja2.ext import loopcontrols
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
             raise ImportError("chat templates need jinja2: pip install jinja2") from None
 
         def raise_exception(message):
             raise TemplateError(message)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # transformers' filter: plain json.dumps (jinja2's own sorts keys and escapes <, >, &)
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = tojson
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "", **kwargs)
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
 
 def _token_text(tok):

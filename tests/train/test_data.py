@@ -26,13 +26,15 @@ def test_arithmetic_documents_are_correct():
     import random
 
     from nemotron3.train.data import arithmetic_doc
-    docs = [d for d in take(builtin_documents(3), 300) if d.startswith("Q: ")]
+    docs = [d for d in take(builtin_documents(3), 300) if d.startswith("<|im_start|>")]
     assert len(docs) > 100
     rng = random.Random(0)
     docs += [arithmetic_doc(rng, max_digits=3) for _ in range(200)]           # carries across columns
     assert any("+1=" in d for d in docs)
     for d in docs:
-        a, b, ans = map(int, re.fullmatch(r"Q: (\d+)\+(\d+)=\?\n<think>.*</think>\nA: (\d+)\n", d, re.S).groups())
+        a, b, ans = map(int, re.fullmatch(r"<\|im_start\|>system\n<\|im_end\|>\n<\|im_start\|>user\n(\d+)\+(\d+)=\?"
+                                          r"<\|im_end\|>\n<\|im_start\|>assistant\n<think>\n.*\n</think>\n(\d+)"
+                                          r"<\|im_end\|>\n", d, re.S).groups())
         assert a + b == ans
 
 

@@ -3,7 +3,10 @@ memory-mapped token file, packing into fixed-length windows, and a sampler whose
 
 Built-in corpus (deterministic by seed, held-out split from a different seed stream), three kinds of document
 with learnable structure:
-    arithmetic   "Q: 7+5=?\n<think>7+5=12.</think>\nA: 12\n"   (column by column, with carries, for more digits)
+    arithmetic   a conversation in Nemotron 3's chat format (chat_format.py), so that pretraining already teaches the
+                 format the model is chatted with, fine-tuned in and served in:
+                 "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n7+5=?<|im_end|>\n<|im_start|>assistant\n"
+                 "<think>\n7+5=12.\n</think>\n12<|im_end|>\n"        (column by column, with carries, for more digits)
     retrieval    "k17=v4 k3=v9 ... (filler) ... k3? v9\n"          a key-value lookup over filler
     prose        templated sentences ("The red fox sees the old tree.")
 Documents are joined with the end-of-document token and cut into windows of seq_len + 1 tokens (inputs and
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..chat_format import END_OF_TURN, THINK_CLOSE, render_chat
+
 
 class DataError(ValueError):
     """Unusable training data; the message names the file (and line) and what to fix."""
@@ -35,10 +40,9 @@ _NOUN = ["fox", "tree", "river", "house", "bird", "stone", "child", "boat"]
 _VERB = ["sees", "finds", "passes", "follows", "watches", "leaves"]
 
 
-def arithmetic_doc(rng: random.Random, max_digits: int = 1) -> str:
-    """An addition with its column-by-column reasoning inside <think>...</think>. One-digit operands by default:
-    the `tiny` preset learns them in ~2 minutes on 2 cores (100% on held-out sums, measured) but reaches only ~12%
-    on two-digit ones in 3 minutes, which is too slow for `make demo`."""
+def arithmetic_conversation(rng: random.Random, max_digits: int = 1) -> list[dict]:
+    """An addition question and its answer, with the column-by-column reasoning. One-digit operands by default:
+    two-digit ones reached only ~12% in 3 minutes of the `tiny` preset on 2 cores, too slow for `make demo`."""
     a, b = rng.randrange(10 ** max_digits), rng.randrange(10 ** max_digits)
     steps, carry = [], 0
     da, db = str(a)[::-1], str(b)[::-1]
@@ -47,7 +51,12 @@ def arithmetic_doc(rng: random.Random, max_digits: int = 1) -> str:
         s = x + y + carry
         steps.append(f"{x}+{y}{f'+{carry}' if carry else ''}={s}")
         carry = s // 10
-    return f"Q: {a}+{b}=?\n<think>{', '.join(steps)}.</think>\nA: {a + b}\n"
+    return [{"role": "user", "content": f"{a}+{b}=?"},
+            {"role": "assistant", "content": str(a + b), "reasoning_content": f"{', '.join(steps)}."}]
+
+
+def arithmetic_doc(rng: random.Random, max_digits: int = 1) -> str:
+    return render_chat(arithmetic_conversation(rng, max_digits))
 
 
 def retrieval_doc(rng: random.Random, n_pairs: int = 6, filler_words: int = 12) -> str:
@@ -68,7 +77,10 @@ def builtin_documents(seed: int, split: str = "train"):
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}; use 'train' or 'heldout'.")
     rng = random.Random(f"nemotron3-builtin-{seed}-{split}")
-    kinds = (arithmetic_doc, arithmetic_doc, retrieval_doc, prose_doc)        # half arithmetic
+    # three quarters arithmetic: in the chat form ~35 bytes of turn markers separate the question from the
+    # reasoning that copies it, and the demo's 900 steps of `tiny` answered 80% of held-out sums right with this
+    # mix against 6% with half arithmetic (one seed each; the plain "Q: ... A:" form reached 100% with half)
+    kinds = (arithmetic_doc,) * 6 + (retrieval_doc, prose_doc)
     while True:
         yield rng.choice(kinds)(rng)
 
@@ -90,46 +102,63 @@ def read_documents(path: str, field: str = "text"):
     """Yield the documents of a .txt (the whole file), a .jsonl (one JSON object per line, text in `field`), or a
     Hugging Face `datasets` dataset saved with save_to_disk (a directory; the `datasets` package is imported then)."""
     if os.path.isdir(path):
-        yield from _read_hf_dataset(path, field)
+        ds = open_hf_dataset(path, field)
+        for i, text in enumerate(ds[field]):
+            if not isinstance(text, str):
+                raise DataError(f"{path}: row {i} of column {field!r} is {type(text).__name__}, not text.")
+            yield text
         return
+    if path.endswith(".jsonl"):
+        for lineno, obj in read_jsonl(path):
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise DataError(f"{path}:{lineno}: no string field {field!r} (found {keys}); pass the right "
+                                f"field name.")
+            yield obj[field]
+        return
+    _check_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        yield data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason}); re-encode the file as UTF-8.") from None
+
+
+def _check_file(path: str) -> None:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file.")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty.")
-    if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the "
-                                    f"file as UTF-8.") from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}).") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise DataError(f"{path}:{lineno}: no string field {field!r} (found {keys}); pass the right "
-                                    f"field name.")
-                yield obj[field]
-    else:
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            yield data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 ({e.reason}); re-encode the file as UTF-8.") from None
 
 
-def _read_hf_dataset(path: str, field: str):
+def read_jsonl(path: str):
+    """Yield (line number, parsed JSON value) for each non-blank line; DataError names the file:line of a line
+    that is not UTF-8 or not JSON."""
+    _check_file(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the "
+                                f"file as UTF-8.") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}).") from None
+
+
+def open_hf_dataset(path: str, column: str):
+    """A dataset saved with save_to_disk (its 'train' split if it is a DatasetDict), checked to have `column`."""
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path} is a directory; reading a Hugging Face dataset needs `pip install datasets`.") from None
+        raise DataError(f"{path} is a directory; reading a Hugging Face dataset needs `pip install datasets`.") \
+            from None
     try:
         ds = datasets.load_from_disk(path)
     except FileNotFoundError as e:
@@ -138,12 +167,9 @@ def _read_hf_dataset(path: str, field: str):
         if "train" not in ds:
             raise DataError(f"{path}: a DatasetDict without a 'train' split (has {sorted(ds)}).")
         ds = ds["train"]
-    if field not in ds.column_names:
-        raise DataError(f"{path}: no column {field!r} (columns {ds.column_names}); pass the right field name.")
-    for i, text in enumerate(ds[field]):
-        if not isinstance(text, str):
-            raise DataError(f"{path}: row {i} of column {field!r} is {type(text).__name__}, not text.")
-        yield text
+    if column not in ds.column_names:
+        raise DataError(f"{path}: no column {column!r} (columns {ds.column_names}); pass the right field name.")
+    return ds
 
 
 def tokenize_to_file(paths: list[str], tokenizer, out_prefix: str, field: str = "text") -> str:
@@ -251,22 +277,28 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 
 
 def arithmetic_prompts(n: int, seed: int = 0) -> list[tuple[str, int]]:
-    """n held-out additions as (prompt up to and including '<think>', answer)."""
+    """n held-out additions as (chat prompt ending in the generation prompt "<|im_start|>assistant\n<think>\n",
+    answer)."""
     rng = random.Random(f"nemotron3-arithmetic-eval-{seed}")
     out = []
     for _ in range(n):
-        doc = arithmetic_doc(rng)
-        out.append((doc[:doc.index("<think>") + len("<think>")], int(doc.rsplit("A: ", 1)[1])))
+        conv = arithmetic_conversation(rng)
+        out.append((render_chat(conv[:1], add_generation_prompt=True), int(conv[1]["content"])))
     return out
+
+
+def answer_after_thought(text: str) -> str | None:
+    """The answer a completion gives after closing its thought ("...</think>\n12<|im_end|>" -> "12"), or None."""
+    if THINK_CLOSE not in text:
+        return None
+    return text.split(THINK_CLOSE, 1)[1].split(END_OF_TURN, 1)[0].strip()
 
 
 def arithmetic_accuracy(model, tokenizer, n: int = 40, seed: int = 0, max_new_tokens: int = 64) -> float:
     """Share of n held-out additions whose greedy answer after the model's own <think> steps is right."""
-    import re
     correct = 0
     for prompt, answer in arithmetic_prompts(n, seed):
         ids = torch.tensor([tokenizer.encode(prompt)], device=model.lm_head.weight.device)
         out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-        m = re.search(r"A: (\d+)", tokenizer.decode(out[0, ids.shape[1]:].tolist()))
-        correct += bool(m and int(m[1]) == answer)
+        correct += answer_after_thought(tokenizer.decode(out[0, ids.shape[1]:].tolist())) == str(answer)
     return correct / n
