@@ -80,9 +80,10 @@ class Trajectory:
         return sum(self.loss_mask)
 
     @property
-    def oldest_version(self) -> int:
-        """The oldest policy version among its tokens (what the async staleness bound is checked on)."""
-        return min((v for v in self.versions if v >= 0), default=-1)
+    def oldest_version(self) -> int | None:
+        """The oldest policy version among its tokens (what the async staleness bound is checked on); None when
+        the model generated no token (an immediate stop)."""
+        return min((v for v in self.versions if v >= 0), default=None)
 
 
 class _Episode:

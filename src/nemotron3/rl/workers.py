@@ -1,0 +1,427 @@
+"""Where rollouts run relative to the trainer: synchronously in the trainer's process (Nemotron 3 Nano: generate
+the whole batch, then one update) or asynchronously in a rollout worker process (Super §3.2.4: generation never
+stops; new weights are pushed in flight; a trajectory is used at most `max_trajectory_age_steps` versions late).
+
+    rollouts = SyncRollouts(model, tokenizer, envs, config, tasks)          # or AsyncRollouts(...), same calls
+    for step in range(steps):
+        groups = rollouts.get_batch(version=step)       # config.batch_groups groups of config.group_size
+        ... one GRPO step on groups ...
+        rollouts.update_weights(policy_weights(model), version=step + 1)
+    rollouts.close()
+
+tasks: an iterator of (environment name, Task), e.g. the curriculum's; envs: {name: Environment or load spec}.
+
+Async protocol. The trainer talks to the worker over two FIFO queues. To the worker: ("weights", version, [(name,
+tensor)]), ("task", group, env, task), ("stop",). From it: ("group", [Trajectory]), ("error", traceback),
+("stopped", stats). The worker applies every message between two engine steps, so weights change under sequences
+in flight (each token records the version that produced it; caches are not recomputed, as in Super).
+The buffer is bounded by credits: the trainer hands out at most buffer_groups tasks it has not consumed yet, and
+one more for each group it takes. The worker starts a group only when a task arrives, so it idles (still applying
+weights) when the buffer is full. Groups are consumed in task order; one that finishes early waits in the buffer.
+Staleness by construction: a task handed out by get_batch(s) travels behind the weights of version s (one FIFO
+queue), so all its tokens have version >= s; with buffer_groups <= max_age * batch_groups and batch_groups taken
+per step in task order, it is consumed by step s + max_age at the latest. So no group is ever too old and no
+rollout is wasted, as long as the trainer pushes one version per get_batch. If it pushes more (several updates
+per batch), get_batch drops a group that got too old, counts it (stats["stale_dropped"]) and hands out a new task
+for it; it never trains on it.
+
+The Ray backend runs the same worker loop inside a Ray actor (one machine or many); `pip install nemotron3[ray]`.
+Left out: several rollout workers (one engine per worker; run more with the Ray backend), NCCL weight broadcast
+(weights travel as CPU tensors through shared memory), partial groups.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import deque
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nemotron3.infer import Engine, SamplingParams
+from nemotron3.rl.environment import Environment, Task, load_environment
+from nemotron3.rl.rollout import RolloutRunner, Trajectory
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 16
+    """G: samples per prompt (GRPO's group)."""
+    batch_groups: int = 128
+    """Prompts per training step (Nano 128 x 16 = 2048 rollouts; Super 256 x 16)."""
+    max_tokens: int = 1024
+    """Model tokens per turn."""
+    max_turns: int = 8
+    """Model turns per episode (multi-turn environments)."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (Nemotron 3: 1.0)."""
+    top_p: float = 1.0
+    """Nucleus of rollouts (Nemotron 3: 1.0, i.e. the full distribution)."""
+    seed: int | None = None
+    """Seed of the rollout streams (None: fresh randomness)."""
+    thinking: bool = False
+    """Prompts open a thought (chat template enable_thinking)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings ending a model turn (besides the tokenizer's eos), e.g. the template's end-of-turn text."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra stop tokens ending a model turn."""
+    num_speculative_tokens: int | dict = 3
+    """MTP draft tokens per round, or {max live batch: K} (0 = plain decoding)."""
+    max_batch: int = 64
+    """Sequences the engine decodes at once."""
+    max_trajectory_age_steps: int = 1
+    """Async: a group is used only if all its tokens come from versions >= the trainer's version minus this."""
+    buffer_groups: int | None = None
+    """Async: groups handed out but not yet consumed, in [batch_groups, max_trajectory_age_steps x batch_groups]
+    (the default, the most overlap that can never make a group stale)."""
+    device: str = "cpu"
+    """Async: the rollout worker's device."""
+    threads: int = 1
+    """Async: torch threads of the rollout worker on CPU."""
+
+    def __post_init__(self):
+        for name in ("group_size", "batch_groups", "max_tokens", "max_turns", "max_batch", "threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer.")
+        if not isinstance(self.max_trajectory_age_steps, int) or self.max_trajectory_age_steps < 1:
+            raise ValueError(f"max_trajectory_age_steps={self.max_trajectory_age_steps!r} must be an integer >= 1 "
+                             f"(async rollouts are at least one step behind); use SyncRollouts for on-policy.")
+        most = self.max_trajectory_age_steps * self.batch_groups
+        if self.buffer_groups is not None and not self.batch_groups <= self.buffer_groups <= most:
+            raise ValueError(f"buffer_groups={self.buffer_groups} must lie in [batch_groups, max_trajectory_age_steps "
+                             f"x batch_groups] = [{self.batch_groups}, {most}] (fewer never fills a batch; more lets "
+                             f"groups grow stale); or None for {most}.")
+        if self.group_size > self.max_batch:
+            raise ValueError(f"group_size={self.group_size} exceeds max_batch={self.max_batch}: one prompt's samples "
+                             f"decode together; raise max_batch.")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)     # its own checks
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+
+    @property
+    def buffer(self) -> int:
+        return self.buffer_groups or self.max_trajectory_age_steps * self.batch_groups
+
+
+def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """What a weight update sends: every parameter and buffer (the MoE routers' e_score_correction_bias keeps
+    moving during RL), as (name, detached tensor) pairs."""
+    return [(n, t.detach()) for n, t in list(model.named_parameters()) + list(model.named_buffers())]
+
+
+def apply_weights(engine: Engine, named_tensors, version: int) -> None:
+    """engine.update_weights for parameters; buffers (which it does not take) are copied here first."""
+    buffers = dict(engine.model.named_buffers())
+    params = []
+    with torch.no_grad():
+        for name, t in named_tensors:
+            if name in buffers:
+                buffers[name].copy_(t)
+            else:
+                params.append((name, t))
+    engine.update_weights(params, version)
+
+
+def _runner(engine, tokenizer, config: RolloutConfig) -> RolloutRunner:
+    return RolloutRunner(engine, tokenizer, sampling=config.sampling, max_tokens=config.max_tokens,
+                         max_turns=config.max_turns, thinking=config.thinking, stop=config.stop,
+                         stop_token_ids=config.stop_token_ids)
+
+
+def _environments(envs: dict) -> dict[str, Environment]:
+    if not isinstance(envs, dict) or not envs:
+        raise ValueError("envs must be a non-empty dict {name: Environment or 'module:Class' / built-in name}.")
+    return {name: load_environment(spec) for name, spec in envs.items()}
+
+
+class SyncRollouts:
+    """Synchronous (Nano): get_batch generates batch_groups groups with the current weights, all at once through
+    one engine, and returns when the last one finishes. Colocated: `model` may be the trainer's own model, and then
+    update_weights([], version) only records the new version."""
+
+    def __init__(self, model, tokenizer, envs: dict, config: RolloutConfig, tasks: Iterator[tuple[str, Task]]):
+        self.envs, self.config, self.tasks = _environments(envs), config, iter(tasks)
+        self.tok = tokenizer
+        self.engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
+        self.stats = {"tokens": 0, "seconds": 0.0, "groups": 0, "stale_dropped": 0}
+        self._group = 0
+
+    def get_batch(self, version: int) -> list[list[Trajectory]]:
+        t0 = time.perf_counter()
+        if version != self.engine.version:
+            raise ValueError(f"get_batch(version={version}) but the engine holds version {self.engine.version}; call "
+                             f"update_weights(named_tensors, version) after each training step.")
+        runner = _runner(self.engine, self.tok, self.config)
+        for _ in range(self.config.batch_groups):
+            item = next(self.tasks, None)
+            if item is None:
+                break
+            runner.add_group(self.envs[item[0]], item[1], self.config.group_size, self._group)
+            self._group += 1
+        groups = []
+        while runner.busy():
+            groups += runner.step()
+        self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["tokens"] += sum(t.num_generated for g in groups for t in g)
+        self.stats["groups"] += len(groups)
+        return sorted(groups, key=lambda g: g[0].group)
+
+    def update_weights(self, named_tensors, version: int) -> None:
+        apply_weights(self.engine, named_tensors, version)
+
+    def close(self) -> None:
+        pass
+
+
+# ---- the async worker ---------------------------------------------------------------------------------------------
+def worker_loop(model_config, tokenizer, envs: dict, config: RolloutConfig, get, put) -> None:
+    """The rollout worker: builds its own model and engine on the first weights message, then alternates between
+    applying control messages (get(block) -> message or None) and engine steps, putting finished groups (put)."""
+    torch.set_num_threads(config.threads)
+    try:
+        from nemotron3 import NemotronForCausalLM
+        envs = _environments(envs)
+        engine = runner = None
+        while True:
+            msg = get(runner is None or not runner.busy())
+            while msg is not None:
+                kind = msg[0]
+                if kind == "stop":
+                    if runner is not None:
+                        runner.abort()
+                    put(("stopped", {"version": engine.version if engine else None}))
+                    return
+                if kind == "weights":
+                    if engine is None:
+                        model = NemotronForCausalLM(model_config).to(config.device).eval()
+                        engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
+                        runner = _runner(engine, tokenizer, config)
+                    apply_weights(engine, msg[2], msg[1])
+                elif kind == "task":
+                    _, group, env_name, task = msg
+                    runner.add_group(envs[env_name], task, config.group_size, group)
+                msg = get(False)
+            if runner is not None and runner.busy():
+                for group in runner.step():
+                    put(("group", group))
+    except Exception:
+        put(("error", traceback.format_exc()))
+
+
+def _process_main(model_config, tokenizer, envs, config, control, out) -> None:
+    def get(block):
+        try:
+            return control.get(block=block, timeout=None if block else 0)
+        except queue.Empty:
+            return None
+    worker_loop(model_config, tokenizer, envs, config, get, out.put)
+
+
+class _ProcessWorker:
+    """The worker as a child process (spawned: fresh interpreter, no forked torch state)."""
+
+    def __init__(self, model_config, tokenizer, envs, config):
+        import torch.multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.control, self.out = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_process_main, args=(model_config, tokenizer, envs, config, self.control,
+                                                            self.out), daemon=True, name="nemotron3-rollout")
+        self.proc.start()
+
+    def send(self, msg) -> None:
+        self.control.put(msg)
+
+    def recv(self, timeout: float):
+        try:
+            return self.out.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def join(self, timeout: float) -> int | None:
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        self.control.cancel_join_thread()        # unread messages need not be flushed to a process that is gone
+        return self.proc.exitcode
+
+
+class _RayWorker:
+    """The same worker loop inside a Ray actor (a thread runs the loop; the actor's methods move messages)."""
+
+    def __init__(self, model_config, tokenizer, envs, config, ray_init: dict | None):
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("the Ray backend needs ray: pip install nemotron3[ray]  (or pip install ray)") from None
+        if not ray.is_initialized():
+            ray.init(**(ray_init or {}))
+        self.ray = ray
+        self.actor = ray.remote(_RayActor).options(num_cpus=config.threads).remote(model_config, tokenizer, envs,
+                                                                                    config)
+        self._pending: list = []
+
+    def send(self, msg) -> None:
+        self.actor.send.remote(msg)             # calls of one caller run in order on a (non-async) actor
+
+    def recv(self, timeout: float):
+        if not self._pending:
+            self._pending = self.ray.get(self.actor.recv.remote(min(timeout, 0.2)))   # sends wait behind it
+        return self._pending.pop(0) if self._pending else None
+
+    def alive(self) -> bool:
+        return True                              # a dead actor raises in ray.get
+
+    def join(self, timeout: float) -> int | None:
+        self.ray.kill(self.actor)
+        return 0
+
+
+class _RayActor:
+    def __init__(self, model_config, tokenizer, envs, config):
+        self.control, self.out = queue.Queue(), queue.Queue()
+
+        def get(block):
+            try:
+                return self.control.get(block=block)
+            except queue.Empty:
+                return None
+        self.thread = threading.Thread(target=worker_loop, daemon=True,
+                                       args=(model_config, tokenizer, envs, config, get, self.out.put))
+        self.thread.start()
+
+    def send(self, msg) -> None:
+        self.control.put(msg)
+
+    def recv(self, timeout: float) -> list:
+        try:
+            items = [self.out.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not self.out.empty():
+            items.append(self.out.get_nowait())
+        return items
+
+
+class AsyncRollouts:
+    """Asynchronous (Super): a rollout worker generates continuously into a bounded buffer while the trainer
+    steps (see the module docstring for the protocol and the staleness argument). model_config: the policy's
+    NemotronConfig (the worker builds its own copy); the first update_weights (version 0) must come before
+    get_batch. backend: "process" (default) or "ray" (ray_init: ray.init kwargs, e.g. num_cpus, _temp_dir)."""
+
+    def __init__(self, model_config, tokenizer, envs: dict, config: RolloutConfig, tasks: Iterator[tuple[str, Task]],
+                 backend: str = "process", ray_init: dict | None = None, timeout_s: float = 600.0):
+        if backend not in ("process", "ray"):
+            raise ValueError(f"backend={backend!r} is unknown; use 'process' or 'ray'.")
+        self.env_names = set(_environments(envs))          # a bad spec fails here, not in the worker
+        self.config, self.tasks, self.timeout_s = config, iter(tasks), timeout_s
+        self.worker = (_ProcessWorker(model_config, tokenizer, envs, config) if backend == "process"
+                       else _RayWorker(model_config, tokenizer, envs, config, ray_init))
+        self.sent: deque[int] = deque()           # groups handed out and not yet consumed, in task order
+        self.done: dict[int, list[Trajectory]] = {}   # the buffer: finished groups waiting for their turn
+        self.version = None
+        self._group = 0
+        self._credits_given = False
+        self._closed = False
+        self._t0 = time.perf_counter()
+        self.stats = {"tokens": 0, "groups": 0, "stale_dropped": 0, "max_age_seen": 0, "mixed_version": 0,
+                      "seconds_waiting": 0.0}
+
+    def update_weights(self, named_tensors, version: int) -> None:
+        """Push new weights (all of them, as (name, tensor) pairs; see policy_weights) tagged with their version.
+        They travel as CPU copies (shared memory), so the trainer may change its own tensors at once."""
+        if self.version is not None and version <= self.version:
+            raise ValueError(f"update_weights(version={version}) after version {self.version}: versions must grow.")
+        self.worker.send(("weights", version, [(n, t.detach().to("cpu", copy=True)) for n, t in named_tensors]))
+        self.version = version
+
+    def _send_tasks(self, n: int) -> None:
+        for _ in range(n):
+            item = next(self.tasks, None)
+            if item is None:
+                return
+            if item[0] not in self.env_names:
+                raise ValueError(f"task for environment {item[0]!r}, but envs has only {sorted(self.env_names)}.")
+            self.worker.send(("task", self._group, item[0], item[1]))
+            self.sent.append(self._group)
+            self._group += 1
+
+    def _receive(self, timeout: float) -> None:
+        msg = self.worker.recv(timeout)
+        if msg is None:
+            if not self.worker.alive():
+                raise RuntimeError("the rollout worker process died without a word (out of memory?).")
+            return
+        if msg[0] == "error":
+            raise RuntimeError(f"the rollout worker failed:\n{msg[1]}")
+        if msg[0] == "group":
+            self.done[msg[1][0].group] = msg[1]
+
+    def get_batch(self, version: int) -> list[list[Trajectory]]:
+        """The next batch_groups groups in task order, each with every token of version >= version -
+        max_trajectory_age_steps; fewer only when the task iterator has run out (an empty list: nothing left)."""
+        if self.version is None:
+            raise ValueError("push the initial weights first: update_weights(policy_weights(model), version=0).")
+        if not self._credits_given:
+            self._send_tasks(self.config.buffer)
+            self._credits_given = True
+        B, floor = self.config.batch_groups, version - self.config.max_trajectory_age_steps
+        t0 = time.perf_counter()
+        batch = []
+        while len(batch) < B and self.sent:
+            if self.sent[0] not in self.done:
+                if time.perf_counter() - t0 > self.timeout_s:
+                    raise RuntimeError(f"no batch after {self.timeout_s:.0f} s ({len(batch)} of {B} groups); raise "
+                                       f"timeout_s or lower max_tokens / batch_groups.")
+                self._receive(timeout=1.0)
+                continue
+            group = self.done.pop(self.sent.popleft())
+            if _oldest(group, version) < floor:      # never trained on; its slot goes to a new task
+                self.stats["stale_dropped"] += 1
+                self._send_tasks(1)
+                continue
+            batch.append(group)
+        self.stats["seconds_waiting"] += time.perf_counter() - t0
+        self._send_tasks(len(batch))
+        for g in batch:
+            self.stats["max_age_seen"] = max(self.stats["max_age_seen"], version - _oldest(g, version))
+            self.stats["mixed_version"] += sum(len({v for v in t.versions if v >= 0}) > 1 for t in g)
+            self.stats["tokens"] += sum(t.num_generated for t in g)
+        self.stats["groups"] += len(batch)
+        return batch
+
+    def close(self, timeout: float = 30.0) -> int | None:
+        """Stop the worker (its sequences in flight are aborted) and wait for it; returns its exit code."""
+        if self._closed:
+            return None
+        self._closed = True
+        self.worker.send(("stop",))
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:     # drain, so the worker's queue can flush and it can exit
+            msg = self.worker.recv(0.5)
+            if msg is not None and msg[0] in ("stopped", "error"):
+                break
+            if msg is None and not self.worker.alive():
+                break
+        return self.worker.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _oldest(group: list[Trajectory], default: int) -> int:
+    """The oldest version of any token of the group; default when the group generated no token at all."""
+    return min((t.oldest_version for t in group if t.oldest_version is not None), default=default)

@@ -1,0 +1,96 @@
+"""Sync and async rollouts. Oracles: the versions the test itself pushed and the step at which it asks for a batch
+(the async staleness bound: every token's recorded version lies in [step - max_age, step]); the worker process's
+exit code and liveness for shutdown."""
+
+import time
+from itertools import islice
+
+import pytest
+import torch
+
+from nemotron3.rl.workers import AsyncRollouts, RolloutConfig, SyncRollouts, policy_weights
+from tests.rl.test_rollout import TOK, Words, tiny_model
+
+CFG = dict(group_size=2, batch_groups=2, max_tokens=24, num_speculative_tokens=2, max_batch=8, seed=0)
+
+
+def word_tasks():
+    return (("words", t) for t in Words().tasks("train", 0))
+
+
+def perturb(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+
+
+def test_sync_rollouts_generate_whole_batches_with_the_current_version():
+    model = tiny_model()
+    rollouts = SyncRollouts(model, TOK, {"words": Words()}, RolloutConfig(**CFG), word_tasks())
+    first = rollouts.get_batch(version=0)
+    assert [[t.group for t in g] for g in first] == [[0, 0], [1, 1]]
+    assert all(set(t.versions) <= {0} for g in first for t in g)
+    perturb(model, 1)
+    rollouts.update_weights([], version=1)            # colocated: the engine runs the trainer's model itself
+    second = rollouts.get_batch(version=1)
+    assert [g[0].group for g in second] == [2, 3] and all(set(t.versions) <= {1} for g in second for t in g)
+    with pytest.raises(ValueError, match="engine holds version 1"):
+        rollouts.get_batch(version=2)
+
+
+@pytest.mark.parametrize("updates_per_batch", [1, 2])
+def test_async_rollouts_never_exceed_the_staleness_bound(updates_per_batch):
+    """One update per batch: nothing is ever stale (by construction). Two (a trainer taking several optimizer steps
+    per batch): groups that got too old are dropped and counted, never returned."""
+    model = tiny_model()
+    config = RolloutConfig(**CFG, max_trajectory_age_steps=1)
+    rollouts = AsyncRollouts(model.config, TOK, {"words": Words()}, config, word_tasks())
+    rollouts.update_weights(policy_weights(model), version=0)
+    groups, version = [], 0
+    for step in range(10):
+        batch = rollouts.get_batch(version=version)
+        assert len(batch) == 2 and all(len(g) == 2 for g in batch)
+        for t in (t for g in batch for t in g):
+            made = [v for v, m in zip(t.versions, t.loss_mask) if m]
+            assert all(version - 1 <= v <= version for v in made), (version, made)   # the bound, on recorded versions
+            assert made == sorted(made)                                         # versions only move forward
+        groups += [g[0].group for g in batch]
+        for _ in range(updates_per_batch):
+            perturb(model, version)                                             # "training"
+            time.sleep(0.05)
+            version += 1
+            rollouts.update_weights(policy_weights(model), version=version)
+    dropped = rollouts.stats["stale_dropped"]
+    assert groups == sorted(groups) and len(groups) == 20 and rollouts.stats["max_age_seen"] <= 1
+    if updates_per_batch == 1:
+        assert dropped == 0 and groups == list(range(20))                       # task order, none wasted
+        assert rollouts.stats["mixed_version"] > 0                              # weights changed in flight
+    else:
+        assert dropped > 0 and len(groups) + dropped == groups[-1] + 1          # each task returned or dropped
+    assert rollouts.close() == 0 and not rollouts.worker.proc.is_alive()
+
+
+def test_async_worker_stops_cleanly_mid_generation_and_reports_errors():
+    model = tiny_model()
+    rollouts = AsyncRollouts(model.config, TOK, {"words": Words()}, RolloutConfig(**CFG), word_tasks())
+    rollouts.update_weights(policy_weights(model), version=0)
+    rollouts.get_batch(version=0)                    # and two more groups are now being generated
+    assert rollouts.close() == 0 and not rollouts.worker.proc.is_alive() and rollouts.close() is None
+
+    broken = AsyncRollouts(model.config, TOK, {"words": Words()}, RolloutConfig(**CFG), word_tasks())
+    broken.update_weights([("no.such.weight", torch.zeros(1))], version=0)
+    with pytest.raises(RuntimeError, match="the model has no parameter 'no.such.weight'"):
+        broken.get_batch(version=0)
+    assert broken.close() == 0
+
+
+def test_bad_async_settings_are_rejected_with_the_fix():
+    with pytest.raises(ValueError, match=r"buffer_groups=5 must lie in \[batch_groups"):
+        RolloutConfig(batch_groups=2, buffer_groups=5)
+    with pytest.raises(ValueError, match="use SyncRollouts for on-policy"):
+        RolloutConfig(max_trajectory_age_steps=0)
+    with pytest.raises(ValueError, match="neither a built-in"):
+        AsyncRollouts(tiny_model().config, TOK, {"x": "nonsense"}, RolloutConfig(**CFG), iter([]))
+    rollouts = SyncRollouts(tiny_model(), TOK, {"words": Words()}, RolloutConfig(**CFG), islice(word_tasks(), 1))
+    assert len(rollouts.get_batch(0)) == 1 and rollouts.get_batch(0) == []     # the task iterator ran out
