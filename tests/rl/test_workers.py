@@ -2,6 +2,8 @@
 (the async staleness bound: every token's recorded version lies in [step - max_age, step]); the worker process's
 exit code and liveness for shutdown."""
 
+import shutil
+import tempfile
 import time
 from itertools import islice
 
@@ -94,3 +96,23 @@ def test_bad_async_settings_are_rejected_with_the_fix():
         AsyncRollouts(tiny_model().config, TOK, {"x": "nonsense"}, RolloutConfig(**CFG), iter([]))
     rollouts = SyncRollouts(tiny_model(), TOK, {"words": Words()}, RolloutConfig(**CFG), islice(word_tasks(), 1))
     assert len(rollouts.get_batch(0)) == 1 and rollouts.get_batch(0) == []     # the task iterator ran out
+
+
+def test_ray_backend_runs_the_same_worker_within_the_bound():
+    model = tiny_model()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")           # short: Ray's socket paths must fit 107 bytes
+    rollouts = AsyncRollouts(model.config, TOK, {"words": Words()}, RolloutConfig(**CFG), word_tasks(), backend="ray",
+                             ray_init=dict(num_cpus=2, _temp_dir=temp, include_dashboard=False))
+    try:
+        rollouts.update_weights(policy_weights(model), version=0)
+        for step in range(4):
+            batch = rollouts.get_batch(version=step)
+            assert [g[0].group for g in batch] == [2 * step, 2 * step + 1]
+            assert all(step - 1 <= v <= step for g in batch for t in g for v in t.versions if v >= 0)
+            perturb(model, step)
+            rollouts.update_weights(policy_weights(model), version=step + 1)
+    finally:
+        assert rollouts.close() == 0
+        shutil.rmtree(temp, ignore_errors=True)
+    import ray
+    assert not ray.is_initialized()

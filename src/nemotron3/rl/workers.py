@@ -264,7 +264,8 @@ class _RayWorker:
             import ray
         except ImportError:
             raise ImportError("the Ray backend needs ray: pip install nemotron3[ray]  (or pip install ray)") from None
-        if not ray.is_initialized():
+        self.owns_ray = not ray.is_initialized()
+        if self.owns_ray:
             ray.init(**(ray_init or {}))
         self.ray = ray
         self.actor = ray.remote(_RayActor).options(num_cpus=config.threads).remote(model_config, tokenizer, envs,
@@ -284,6 +285,8 @@ class _RayWorker:
 
     def join(self, timeout: float) -> int | None:
         self.ray.kill(self.actor)
+        if self.owns_ray:
+            self.ray.shutdown()
         return 0
 
 
@@ -317,7 +320,9 @@ class AsyncRollouts:
     """Asynchronous (Super): a rollout worker generates continuously into a bounded buffer while the trainer
     steps (see the module docstring for the protocol and the staleness argument). model_config: the policy's
     NemotronConfig (the worker builds its own copy); the first update_weights (version 0) must come before
-    get_batch. backend: "process" (default) or "ray" (ray_init: ray.init kwargs, e.g. num_cpus, _temp_dir)."""
+    get_batch. backend: "process" (default) or "ray": the worker becomes a Ray actor, on a running Ray cluster if
+    one is initialized, else on a local instance started with ray.init(**ray_init) and shut down by close (pass
+    _temp_dir=<run dir>/ray so Ray writes there; keep it short: Ray's socket paths must fit 107 bytes)."""
 
     def __init__(self, model_config, tokenizer, envs: dict, config: RolloutConfig, tasks: Iterator[tuple[str, Task]],
                  backend: str = "process", ray_init: dict | None = None, timeout_s: float = 600.0):
