@@ -15,7 +15,7 @@ from nemotron3.infer import Engine, Result, SamplingParams
 from nemotron3.infer.engine import Event
 from nemotron3.rl.environment import Environment, Task
 from nemotron3.rl.envs.tools import ToolsEnv
-from nemotron3.rl.rollout import RolloutRunner, rollout, tool_turn_text
+from nemotron3.rl.rollout import RolloutRunner, Trajectory, batch_tensors, rollout, tool_turn_text
 from nemotron3.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -245,6 +245,22 @@ def test_parse_tool_calls_reads_names_and_json_or_string_arguments():
                                                                                          "quantity": 7}},
                                                   {"name": "list_items", "arguments": {}}])
     assert parse_tool_calls("no calls <tool_call> broken") == ("no calls <tool_call> broken", [])
+
+
+def test_batch_tensors_align_masks_logprobs_and_versions_to_their_tokens():
+    def traj(prompt, completion, mask, lps, versions, reward, finish="stop"):
+        return Trajectory(prompt, completion, mask, lps, versions, reward, {}, "e", Task([]), 0, 0, finish, 1, [])
+    a = traj([5, 6], [7, 8, 9], [1, 0, 1], [-0.5, 0.0, -1.5], [2, -1, 3], 1.0)
+    b = traj([5], [4], [1], [-0.25], [3], 0.0, finish="length")
+    t = batch_tensors([[a, b]], pad_id=99)
+    assert t["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 99, 99, 99]]
+    assert t["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert t["loss_mask"].tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]
+    assert t["gen_logprobs"].tolist() == [[0, 0, -0.5, 0, -1.5], [0, -0.25, 0, 0, 0]]
+    assert t["versions"].tolist() == [[-1, -1, 2, -1, 3], [-1, 3, -1, -1, -1]]
+    assert t["rewards"].tolist() == [[1.0, 0.0]] and t["truncated"].tolist() == [False, True]
+    with pytest.raises(ValueError, match="groups of equal size"):
+        batch_tensors([[a, b], [a]])
 
 
 def test_bad_rollout_arguments_are_rejected_with_the_fix():

@@ -94,6 +94,11 @@ def test_bad_async_settings_are_rejected_with_the_fix():
         RolloutConfig(max_trajectory_age_steps=0)
     with pytest.raises(ValueError, match="neither a built-in"):
         AsyncRollouts(tiny_model().config, TOK, {"x": "nonsense"}, RolloutConfig(**CFG), iter([]))
+    with pytest.raises(ValueError, match="dtype='float16' must be 'float32' or 'bfloat16'"):
+        RolloutConfig(dtype="float16")
+    wrong = SyncRollouts(tiny_model(), TOK, {"words": Words()}, RolloutConfig(**CFG), iter([("math", None)]))
+    with pytest.raises(ValueError, match=r"names environment 'math', but envs has only \['words'\]"):
+        wrong.get_batch(0)
     rollouts = SyncRollouts(tiny_model(), TOK, {"words": Words()}, RolloutConfig(**CFG), islice(word_tasks(), 1))
     assert len(rollouts.get_batch(0)) == 1 and rollouts.get_batch(0) == []     # the task iterator ran out
 

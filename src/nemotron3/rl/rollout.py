@@ -2,8 +2,9 @@
 into Trajectories that carry what GRPO needs (Nemotron 3 Nano §3.2.5, Super §3.2.4: G samples per prompt at
 temperature 1, top_p 1, MTP speculative decoding on; generation log-probs and the policy version of every token).
 
-    runner = RolloutRunner(engine, tokenizer, sampling=SamplingParams(temperature=1.0, top_p=1.0), max_tokens=512)
-    trajectories = rollout(engine, tokenizer, env, tasks, group_size=16, max_tokens=512)   # runner, to the end
+    groups = rollout(engine, tokenizer, env, tasks, group_size=16, max_tokens=512)   # per task, G Trajectories
+    batch = batch_tensors(groups)        # input_ids, loss_mask, gen_logprobs, versions, rewards (P, G), truncated
+    runner = RolloutRunner(engine, tokenizer, max_tokens=512)     # the same, step by step: add_group / step
 
 All requests join the engine's running batch; each task's first turn is one request with n = G (one prefill,
 forked into G samples). A multi-turn environment's episode continues while the model calls tools:
@@ -11,7 +12,8 @@ forked into G samples). A multi-turn environment's episode continues while the m
     2. env.respond executes them on the trajectory's own task.copy() and returns tool messages
     3. the chat template renders the tool turn; only the rendered *suffix* is tokenized and appended, so every id
        already generated stays as it was (token-in, token-out: no re-tokenisation drift)
-    4. a new request continues from the contiguous ids (asserted: each turn's prompt extends the previous one)
+    4. a new request continues from the contiguous ids (ids are only ever appended; the template's prefix-stability
+       is checked at every tool turn, and tests check each turn's prompt extends the previous one)
 Only the model's own tokens carry loss (loss_mask 1); the appended template / tool tokens have mask 0, logprob 0
 and version -1. The end-of-turn text the template writes after an assistant message (e.g. "<|im_end|>\n") is
 appended for what the model did not write itself, so a stop token the engine swallowed is re-created there.
@@ -167,8 +169,8 @@ class RolloutRunner:
         self._next_group = max(self._next_group, group + 1)
         prompt = self.tok.encode(render(self.tok, task.messages, True, self.thinking, task.data.get("tools")))
         episodes = [_Episode(env, task.copy(), group, i, prompt) for i in range(group_size)]
+        self._request(episodes, prompt, group_size)             # the engine rejects a prompt too long first
         self.groups[group] = episodes
-        self._request(episodes, prompt, group_size)
         return group
 
     def step(self) -> list[list[Trajectory]]:
@@ -197,7 +199,7 @@ class RolloutRunner:
     # ---- one turn -------------------------------------------------------------------------------------------------
     def _request(self, episodes: list[_Episode], prompt: list[int], n: int) -> None:
         ep = episodes[0]
-        max_tokens = min(self.max_tokens, self.engine.max_model_len - len(prompt))
+        max_tokens = max(1, min(self.max_tokens, self.engine.max_model_len - len(prompt)))   # a turn fits the context
         sampling = self.sampling
         if sampling.seed is not None:       # a seeded batch replays exactly: each (group, sample, turn) its stream
             sampling = replace(sampling, seed=hash((sampling.seed, ep.group, ep.sample, ep.turns)) & (2 ** 63 - 1))
@@ -252,3 +254,30 @@ def rollout(engine, tokenizer, env: Environment | list[Environment], tasks: list
         for group in runner.step():
             done[group[0].group] = group
     return [done[i] for i in range(len(tasks))]
+
+
+def batch_tensors(groups: list[list[Trajectory]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """What a GRPO step reads, right-padded to the longest episode (B = groups x G rows, in group order):
+    input_ids (B, L) prompt + completion; attention_mask (B, L); and, aligned to the token they describe (the
+    logits that predict token t sit at position t - 1), loss_mask (B, L), gen_logprobs (B, L) float32 and
+    versions (B, L) (-1 off the model's tokens); rewards (P, G) float32; truncated (B,) bool."""
+    trajs = [t for g in groups for t in g]
+    if not trajs or len({len(g) for g in groups}) != 1:
+        raise ValueError("batch_tensors needs a non-empty list of groups of equal size (G samples each).")
+    L = max(len(t.ids) for t in trajs)
+    out = {"input_ids": torch.full((len(trajs), L), pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros(len(trajs), L, dtype=torch.long),
+           "loss_mask": torch.zeros(len(trajs), L, dtype=torch.long),
+           "gen_logprobs": torch.zeros(len(trajs), L),
+           "versions": torch.full((len(trajs), L), -1, dtype=torch.long)}
+    for i, t in enumerate(trajs):
+        P, n = len(t.prompt_ids), len(t.ids)
+        out["input_ids"][i, :n] = torch.tensor(t.ids)
+        out["attention_mask"][i, :n] = 1
+        out["loss_mask"][i, P:n] = torch.tensor(t.loss_mask, dtype=torch.long)
+        out["gen_logprobs"][i, P:n] = torch.tensor(t.gen_logprobs)
+        out["versions"][i, P:n] = torch.tensor(t.versions, dtype=torch.long)
+    out["rewards"] = torch.tensor([[t.reward for t in g] for g in groups])
+    out["truncated"] = torch.tensor([t.truncated for t in trajs])
+    return out
+

@@ -80,6 +80,8 @@ class RolloutConfig:
     (the default, the most overlap that can never make a group stale)."""
     device: str = "cpu"
     """Async: the rollout worker's device."""
+    dtype: str = "float32"
+    """Async: the rollout worker's weights, float32 or bfloat16 (the SSM state stays float32 either way)."""
     threads: int = 1
     """Async: torch threads of the rollout worker on CPU."""
 
@@ -99,6 +101,8 @@ class RolloutConfig:
         if self.group_size > self.max_batch:
             raise ValueError(f"group_size={self.group_size} exceeds max_batch={self.max_batch}: one prompt's samples "
                              f"decode together; raise max_batch.")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'.")
         SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)     # its own checks
 
     @property
@@ -141,6 +145,13 @@ def _environments(envs: dict) -> dict[str, Environment]:
     return {name: load_environment(spec) for name, spec in envs.items()}
 
 
+def _env_for(envs: dict[str, Environment], name: str) -> Environment:
+    if name not in envs:
+        raise ValueError(f"a task names environment {name!r}, but envs has only {sorted(envs)}; the task iterator "
+                         f"yields (environment name, Task) with names from envs.")
+    return envs[name]
+
+
 class SyncRollouts:
     """Synchronous (Nano): get_batch generates batch_groups groups with the current weights, all at once through
     one engine, and returns when the last one finishes. Colocated: `model` may be the trainer's own model, and then
@@ -163,7 +174,7 @@ class SyncRollouts:
             item = next(self.tasks, None)
             if item is None:
                 break
-            runner.add_group(self.envs[item[0]], item[1], self.config.group_size, self._group)
+            runner.add_group(_env_for(self.envs, item[0]), item[1], self.config.group_size, self._group)
             self._group += 1
         groups = []
         while runner.busy():
@@ -200,13 +211,14 @@ def worker_loop(model_config, tokenizer, envs: dict, config: RolloutConfig, get,
                     return
                 if kind == "weights":
                     if engine is None:
-                        model = NemotronForCausalLM(model_config).to(config.device).eval()
+                        model = NemotronForCausalLM(model_config).to(config.device, getattr(torch, config.dtype))
+                        model.eval()
                         engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
                         runner = _runner(engine, tokenizer, config)
                     apply_weights(engine, msg[2], msg[1])
                 elif kind == "task":
                     _, group, env_name, task = msg
-                    runner.add_group(envs[env_name], task, config.group_size, group)
+                    runner.add_group(_env_for(envs, env_name), task, config.group_size, group)
                 msg = get(False)
             if runner is not None and runner.busy():
                 for group in runner.step():
@@ -328,7 +340,7 @@ class AsyncRollouts:
                  backend: str = "process", ray_init: dict | None = None, timeout_s: float = 600.0):
         if backend not in ("process", "ray"):
             raise ValueError(f"backend={backend!r} is unknown; use 'process' or 'ray'.")
-        self.env_names = set(_environments(envs))          # a bad spec fails here, not in the worker
+        self.envs = _environments(envs)                      # a bad spec fails here, not in the worker
         self.config, self.tasks, self.timeout_s = config, iter(tasks), timeout_s
         self.worker = (_ProcessWorker(model_config, tokenizer, envs, config) if backend == "process"
                        else _RayWorker(model_config, tokenizer, envs, config, ray_init))
@@ -355,8 +367,7 @@ class AsyncRollouts:
             item = next(self.tasks, None)
             if item is None:
                 return
-            if item[0] not in self.env_names:
-                raise ValueError(f"task for environment {item[0]!r}, but envs has only {sorted(self.env_names)}.")
+            _env_for(self.envs, item[0])
             self.worker.send(("task", self._group, item[0], item[1]))
             self.sent.append(self._group)
             self._group += 1
