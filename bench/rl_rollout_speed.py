@@ -78,11 +78,13 @@ def run(mode: str, args) -> dict:
     else:
         rollouts = AsyncRollouts(model.config, tok, {"lowercase": Lowercase()}, config, tasks)
         rollouts.update_weights(policy_weights(model), version=0)
-    curve, tokens, t0 = [], 0, time.perf_counter()
+    curve, tokens, wait, t0 = [], 0, 0.0, time.perf_counter()
     for step in range(args.steps + 1):            # step 0 is warm-up (the worker's start): the clock starts after it
+        t_ask = time.perf_counter()
         groups = rollouts.get_batch(version=step)
         if step == 1:
-            curve, tokens, t0 = [], 0, time.perf_counter()
+            curve, tokens, wait, t0 = [], 0, 0.0, t_ask
+        wait += time.perf_counter() - t_ask           # the trainer idles here: waiting for rollouts
         tokens += sum(t.num_generated for g in groups for t in g)
         model.train()
         reward = grpo_step(model, opt, groups)
@@ -92,7 +94,8 @@ def run(mode: str, args) -> dict:
     seconds = time.perf_counter() - t0
     stats = dict(rollouts.stats)
     rollouts.close()
-    return dict(mode=mode, steps=len(curve), seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
+    return dict(mode=mode, steps=len(curve), seconds=seconds, trainer_wait_s=wait, tokens=tokens,
+                tokens_per_s=tokens / seconds,
                 reward_first5=sum(r for _, r in curve[:5]) / 5, reward_last5=sum(r for _, r in curve[-5:]) / 5,
                 stale_dropped=stats.get("stale_dropped", 0), max_age_seen=stats.get("max_age_seen", 0),
                 mixed_version=stats.get("mixed_version", 0), curve=curve)
@@ -104,12 +107,12 @@ def main(argv=None):
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--batch-groups", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = [run(mode, args) for mode in ("sync", "async")]
-    print_table(rows, ["mode", "steps", "seconds", "tokens", "tokens_per_s", "reward_first5", "reward_last5",
+    print_table(rows, ["mode", "steps", "seconds", "trainer_wait_s", "tokens", "tokens_per_s", "reward_first5", "reward_last5",
                        "stale_dropped", "max_age_seen", "mixed_version"])
     print(f"async / sync tokens/s: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x")
     fig, ax = new_figure()

@@ -10,7 +10,8 @@ from itertools import islice
 import pytest
 import torch
 
-from nemotron3.rl.workers import AsyncRollouts, RolloutConfig, SyncRollouts, policy_weights
+from nemotron3.rl.workers import (AsyncRollouts, RolloutConfig, SyncRollouts, pack_weights, policy_weights,
+                                  unpack_weights)
 from tests.rl.test_rollout import TOK, Words, tiny_model
 
 CFG = dict(group_size=2, batch_groups=2, max_tokens=24, num_speculative_tokens=2, max_batch=8, seed=0)
@@ -25,6 +26,20 @@ def perturb(model, seed):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
+
+
+def test_packed_weights_unpack_to_copies_of_every_tensor():
+    named = [("a", torch.randn(3, 4)), ("b", torch.arange(5)), ("c", torch.randn(2, dtype=torch.bfloat16)),
+             ("d", torch.randn(7))]
+    packed = pack_weights(named)
+    assert len(packed) == 3                                  # one flat tensor per dtype
+    expected = [(n, t.clone()) for n, t in named]
+    for _, t in named:
+        t.zero_()                                             # the trainer moves on: the copies must not
+    got = dict(unpack_weights(packed))
+    assert sorted(got) == ["a", "b", "c", "d"]
+    for n, t in expected:
+        assert got[n].dtype == t.dtype and torch.equal(got[n], t)
 
 
 def test_sync_rollouts_generate_whole_batches_with_the_current_version():

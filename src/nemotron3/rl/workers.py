@@ -11,8 +11,8 @@ stops; new weights are pushed in flight; a trajectory is used at most `max_traje
 
 tasks: an iterator of (environment name, Task), e.g. the curriculum's; envs: {name: Environment or load spec}.
 
-Async protocol. The trainer talks to the worker over two FIFO queues. To the worker: ("weights", version, [(name,
-tensor)]), ("task", group, env, task), ("stop",). From it: ("group", [Trajectory]), ("error", traceback),
+Async protocol. The trainer talks to the worker over two FIFO queues. To the worker: ("weights", version, packed (name,
+tensor) pairs: one flat CPU tensor per dtype, see pack_weights), ("task", group, env, task), ("stop",). From it: ("group", [Trajectory]), ("error", traceback),
 ("stopped", stats). The worker applies every message between two engine steps, so weights change under sequences
 in flight (each token records the version that produced it; caches are not recomputed, as in Super).
 The buffer is bounded by credits: the trainer hands out at most buffer_groups tasks it has not consumed yet, and
@@ -133,6 +133,27 @@ def apply_weights(engine: Engine, named_tensors, version: int) -> None:
     engine.update_weights(params, version)
 
 
+def pack_weights(named_tensors) -> list[tuple[torch.Tensor, list[tuple[str, tuple]]]]:
+    """(name, tensor) pairs -> one flat CPU tensor per dtype with the (name, shape) of each slice: one shared-memory
+    segment per dtype crosses the process boundary instead of one per tensor."""
+    by_dtype: dict[torch.dtype, list] = {}
+    for name, t in named_tensors:
+        by_dtype.setdefault(t.dtype, []).append((name, t.detach()))
+    return [(torch.cat([t.reshape(-1).cpu() for _, t in items]), [(n, tuple(t.shape)) for n, t in items])
+            for items in by_dtype.values()]
+
+
+def unpack_weights(packed) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for flat, entries in packed:
+        offset = 0
+        for name, shape in entries:
+            n = torch.Size(shape).numel()
+            out.append((name, flat[offset:offset + n].view(shape)))
+            offset += n
+    return out
+
+
 def _runner(engine, tokenizer, config: RolloutConfig) -> RolloutRunner:
     return RolloutRunner(engine, tokenizer, sampling=config.sampling, max_tokens=config.max_tokens,
                          max_turns=config.max_turns, thinking=config.thinking, stop=config.stop,
@@ -215,7 +236,7 @@ def worker_loop(model_config, tokenizer, envs: dict, config: RolloutConfig, get,
                         model.eval()
                         engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
                         runner = _runner(engine, tokenizer, config)
-                    apply_weights(engine, msg[2], msg[1])
+                    apply_weights(engine, unpack_weights(msg[2]), msg[1])
                 elif kind == "task":
                     _, group, env_name, task = msg
                     runner.add_group(_env_for(envs, env_name), task, config.group_size, group)
@@ -259,6 +280,9 @@ class _ProcessWorker:
     def alive(self) -> bool:
         return self.proc.is_alive()
 
+    def describe(self) -> str:
+        return f"process exit code {self.proc.exitcode}"
+
     def join(self, timeout: float) -> int | None:
         self.proc.join(timeout)
         if self.proc.is_alive():
@@ -294,6 +318,9 @@ class _RayWorker:
 
     def alive(self) -> bool:
         return True                              # a dead actor raises in ray.get
+
+    def describe(self) -> str:
+        return "Ray actor"
 
     def join(self, timeout: float) -> int | None:
         self.ray.kill(self.actor)
@@ -359,7 +386,7 @@ class AsyncRollouts:
         They travel as CPU copies (shared memory), so the trainer may change its own tensors at once."""
         if self.version is not None and version <= self.version:
             raise ValueError(f"update_weights(version={version}) after version {self.version}: versions must grow.")
-        self.worker.send(("weights", version, [(n, t.detach().to("cpu", copy=True)) for n, t in named_tensors]))
+        self.worker.send(("weights", version, pack_weights(named_tensors)))
         self.version = version
 
     def _send_tasks(self, n: int) -> None:
@@ -376,7 +403,10 @@ class AsyncRollouts:
         msg = self.worker.recv(timeout)
         if msg is None:
             if not self.worker.alive():
-                raise RuntimeError("the rollout worker process died without a word (out of memory?).")
+                raise RuntimeError(f"the rollout worker exited without a word ({self.worker.describe()}). A script "
+                                   f"that starts AsyncRollouts at module level must do it under `if __name__ == "
+                                   f"'__main__':` (the spawned worker re-imports the main module); else: out of "
+                                   f"memory?")
             return
         if msg[0] == "error":
             raise RuntimeError(f"the rollout worker failed:\n{msg[1]}")
