@@ -70,7 +70,7 @@ def run(mode: str, args) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     config = RolloutConfig(group_size=args.group_size, batch_groups=args.batch_groups, max_tokens=args.max_tokens,
                            num_speculative_tokens=2, max_batch=args.group_size * args.batch_groups, seed=0,
-                           device=args.device)
+                           device=args.device, num_workers=args.num_workers)
     tasks = (("lowercase", t) for t in Lowercase().tasks("train", 0))
     tok = ByteTokenizer()
     if mode == "sync":
@@ -109,6 +109,7 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--num-workers", type=int, default=1, help="async rollout worker processes")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = [run(mode, args) for mode in ("sync", "async")]

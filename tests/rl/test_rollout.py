@@ -98,6 +98,16 @@ def test_forked_group_logprobs_equal_a_full_forward_at_temperature_1():
             assert t.env == "words" and t.num_turns == 1 and t.finish_reason in ("stop", "length")
 
 
+def test_bf16_policy_rolls_out_with_a_float32_ssm_state():
+    model = tiny_model().to(torch.bfloat16)
+    engine = Engine(model, TOK, num_speculative_tokens=2, max_batch=4)
+    [group] = rollout(engine, TOK, Words(), [Task([{"role": "user", "content": "hi"}])], 2, sampling=SAMPLING,
+                      max_tokens=8)
+    assert len(group) == 2 and engine.cache.ssm and engine.mtp_cache is not None
+    assert {s.dtype for c in (engine.cache, engine.mtp_cache) for s in c.ssm.values()} == {torch.float32}
+    assert {k.dtype for k, _ in engine.cache.kv.values()} == {torch.bfloat16}
+
+
 def test_versions_switch_at_the_weight_update_made_mid_generation():
     model = tiny_model()
     engine = Engine(model, TOK, num_speculative_tokens=2, max_batch=8)

@@ -11,7 +11,7 @@ stops; new weights are pushed in flight; a trajectory is used at most `max_traje
 
 tasks: an iterator of (environment name, Task), e.g. the curriculum's; envs: {name: Environment or load spec}.
 
-Async protocol. The trainer talks to the worker over two FIFO queues. To the worker: ("weights", version, packed (name,
+Async protocol. The trainer talks to a worker over two FIFO queues. To the worker: ("weights", version, packed (name,
 tensor) pairs: one flat CPU tensor per dtype, see pack_weights), ("task", group, env, task), ("stop",). From it: ("group", [Trajectory]), ("error", traceback),
 ("stopped", stats). The worker applies every message between two engine steps, so weights change under sequences
 in flight (each token records the version that produced it; caches are not recomputed, as in Super).
@@ -26,8 +26,10 @@ per batch), get_batch drops a group that got too old, counts it (stats["stale_dr
 for it; it never trains on it.
 
 The Ray backend runs the same worker loop inside a Ray actor (one machine or many); `pip install nemotron3[ray]`.
-Left out: several rollout workers (one engine per worker; run more with the Ray backend), NCCL weight broadcast
-(weights travel as CPU tensors through shared memory), partial groups.
+With num_workers > 1 every worker gets every weights message, a task goes to the worker with the fewest in hand,
+and the argument above holds per queue unchanged.
+Left out: placing workers on different GPUs (all use config.device), NCCL weight broadcast (weights travel as CPU
+tensors through shared memory), partial groups.
 """
 
 from __future__ import annotations
@@ -83,10 +85,13 @@ class RolloutConfig:
     dtype: str = "float32"
     """Async: the rollout worker's weights, float32 or bfloat16 (the SSM state stays float32 either way)."""
     threads: int = 1
-    """Async: torch threads of the rollout worker on CPU."""
+    """Async: torch threads of each rollout worker on CPU."""
+    num_workers: int = 1
+    """Async: rollout workers (processes or Ray actors), each with its own model copy and engine; a new task goes
+    to the one with the fewest in hand."""
 
     def __post_init__(self):
-        for name in ("group_size", "batch_groups", "max_tokens", "max_turns", "max_batch", "threads"):
+        for name in ("group_size", "batch_groups", "max_tokens", "max_turns", "max_batch", "threads", "num_workers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer.")
@@ -257,19 +262,22 @@ def _process_main(model_config, tokenizer, envs, config, control, out) -> None:
     worker_loop(model_config, tokenizer, envs, config, get, out.put)
 
 
-class _ProcessWorker:
-    """The worker as a child process (spawned: fresh interpreter, no forked torch state)."""
+class _ProcessWorkers:
+    """The workers as child processes (spawned: a fresh interpreter, no forked torch state); one control queue
+    each, one shared queue back."""
 
-    def __init__(self, model_config, tokenizer, envs, config):
+    def __init__(self, n: int, model_config, tokenizer, envs, config):
         import torch.multiprocessing as mp
         ctx = mp.get_context("spawn")
-        self.control, self.out = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=_process_main, args=(model_config, tokenizer, envs, config, self.control,
-                                                            self.out), daemon=True, name="nemotron3-rollout")
-        self.proc.start()
+        self.out = ctx.Queue()
+        self.controls = [ctx.Queue() for _ in range(n)]
+        self.procs = [ctx.Process(target=_process_main, args=(model_config, tokenizer, envs, config, c, self.out),
+                                  daemon=True, name=f"nemotron3-rollout-{i}") for i, c in enumerate(self.controls)]
+        for p in self.procs:
+            p.start()
 
-    def send(self, msg) -> None:
-        self.control.put(msg)
+    def send(self, i: int, msg) -> None:
+        self.controls[i].put(msg)
 
     def recv(self, timeout: float):
         try:
@@ -278,24 +286,28 @@ class _ProcessWorker:
             return None
 
     def alive(self) -> bool:
-        return self.proc.is_alive()
+        return all(p.is_alive() for p in self.procs)
+
+    def any_alive(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
 
     def describe(self) -> str:
-        return f"process exit code {self.proc.exitcode}"
+        return f"process exit codes {[p.exitcode for p in self.procs]}"
 
     def join(self, timeout: float) -> int | None:
-        self.proc.join(timeout)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(5)
-        self.control.cancel_join_thread()        # unread messages need not be flushed to a process that is gone
-        return self.proc.exitcode
+        for p, c in zip(self.procs, self.controls):
+            p.join(timeout)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            c.cancel_join_thread()           # unread messages need not be flushed to a process that is gone
+        return next((p.exitcode for p in self.procs if p.exitcode != 0), 0)
 
 
-class _RayWorker:
-    """The same worker loop inside a Ray actor (a thread runs the loop; the actor's methods move messages)."""
+class _RayWorkers:
+    """The same worker loop inside Ray actors (a thread runs the loop; the actor's methods move messages)."""
 
-    def __init__(self, model_config, tokenizer, envs, config, ray_init: dict | None):
+    def __init__(self, n: int, model_config, tokenizer, envs, config, ray_init: dict | None):
         try:
             import ray
         except ImportError:
@@ -304,26 +316,30 @@ class _RayWorker:
         if self.owns_ray:
             ray.init(**(ray_init or {}))
         self.ray = ray
-        self.actor = ray.remote(_RayActor).options(num_cpus=config.threads).remote(model_config, tokenizer, envs,
-                                                                                    config)
+        actor = ray.remote(_RayActor).options(num_cpus=config.threads)
+        self.actors = [actor.remote(model_config, tokenizer, envs, config) for _ in range(n)]
         self._pending: list = []
 
-    def send(self, msg) -> None:
-        self.actor.send.remote(msg)             # calls of one caller run in order on a (non-async) actor
+    def send(self, i: int, msg) -> None:
+        self.actors[i].send.remote(msg)          # calls of one caller run in order on a (non-async) actor
 
     def recv(self, timeout: float):
-        if not self._pending:
-            self._pending = self.ray.get(self.actor.recv.remote(min(timeout, 0.2)))   # sends wait behind it
+        if not self._pending:                    # each actor waits at most this long; sends queue behind it
+            wait = min(timeout, 0.2)
+            self._pending = [m for ms in self.ray.get([a.recv.remote(wait) for a in self.actors]) for m in ms]
         return self._pending.pop(0) if self._pending else None
 
     def alive(self) -> bool:
         return True                              # a dead actor raises in ray.get
 
+    any_alive = alive
+
     def describe(self) -> str:
-        return "Ray actor"
+        return "Ray actors"
 
     def join(self, timeout: float) -> int | None:
-        self.ray.kill(self.actor)
+        for a in self.actors:
+            self.ray.kill(a)
         if self.owns_ray:
             self.ray.shutdown()
         return 0
@@ -369,8 +385,11 @@ class AsyncRollouts:
             raise ValueError(f"backend={backend!r} is unknown; use 'process' or 'ray'.")
         self.envs = _environments(envs)                      # a bad spec fails here, not in the worker
         self.config, self.tasks, self.timeout_s = config, iter(tasks), timeout_s
-        self.worker = (_ProcessWorker(model_config, tokenizer, envs, config) if backend == "process"
-                       else _RayWorker(model_config, tokenizer, envs, config, ray_init))
+        n = config.num_workers
+        self.workers = (_ProcessWorkers(n, model_config, tokenizer, envs, config) if backend == "process"
+                        else _RayWorkers(n, model_config, tokenizer, envs, config, ray_init))
+        self.in_hand = [0] * n                     # per worker: tasks sent, groups not yet back
+        self.owner: dict[int, int] = {}            # group -> the worker generating it
         self.sent: deque[int] = deque()           # groups handed out and not yet consumed, in task order
         self.done: dict[int, list[Trajectory]] = {}   # the buffer: finished groups waiting for their turn
         self.version = None
@@ -386,7 +405,9 @@ class AsyncRollouts:
         They travel as CPU copies (shared memory), so the trainer may change its own tensors at once."""
         if self.version is not None and version <= self.version:
             raise ValueError(f"update_weights(version={version}) after version {self.version}: versions must grow.")
-        self.worker.send(("weights", version, pack_weights(named_tensors)))
+        packed = pack_weights(named_tensors)
+        for i in range(self.config.num_workers):
+            self.workers.send(i, ("weights", version, packed))
         self.version = version
 
     def _send_tasks(self, n: int) -> None:
@@ -395,23 +416,28 @@ class AsyncRollouts:
             if item is None:
                 return
             _env_for(self.envs, item[0])
-            self.worker.send(("task", self._group, item[0], item[1]))
+            i = min(range(len(self.in_hand)), key=self.in_hand.__getitem__)    # the least busy worker
+            self.workers.send(i, ("task", self._group, item[0], item[1]))
+            self.in_hand[i] += 1
+            self.owner[self._group] = i
             self.sent.append(self._group)
             self._group += 1
 
     def _receive(self, timeout: float) -> None:
-        msg = self.worker.recv(timeout)
+        msg = self.workers.recv(timeout)
         if msg is None:
-            if not self.worker.alive():
-                raise RuntimeError(f"the rollout worker exited without a word ({self.worker.describe()}). A script "
+            if not self.workers.alive():
+                raise RuntimeError(f"a rollout worker exited without a word ({self.workers.describe()}). A script "
                                    f"that starts AsyncRollouts at module level must do it under `if __name__ == "
                                    f"'__main__':` (the spawned worker re-imports the main module); else: out of "
                                    f"memory?")
             return
         if msg[0] == "error":
-            raise RuntimeError(f"the rollout worker failed:\n{msg[1]}")
+            raise RuntimeError(f"a rollout worker failed:\n{msg[1]}")
         if msg[0] == "group":
-            self.done[msg[1][0].group] = msg[1]
+            group = msg[1][0].group
+            self.done[group] = msg[1]
+            self.in_hand[self.owner.pop(group)] -= 1
 
     def get_batch(self, version: int) -> list[list[Trajectory]]:
         """The next batch_groups groups in task order, each with every token of version >= version -
@@ -447,19 +473,21 @@ class AsyncRollouts:
         return batch
 
     def close(self, timeout: float = 30.0) -> int | None:
-        """Stop the worker (its sequences in flight are aborted) and wait for it; returns its exit code."""
+        """Stop the workers (their sequences in flight are aborted) and wait for them; returns 0 when all exited
+        cleanly, else the first other exit code (None when already closed)."""
         if self._closed:
             return None
         self._closed = True
-        self.worker.send(("stop",))
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < timeout:     # drain, so the worker's queue can flush and it can exit
-            msg = self.worker.recv(0.5)
+        for i in range(self.config.num_workers):
+            self.workers.send(i, ("stop",))
+        t0, finished = time.perf_counter(), 0
+        while finished < self.config.num_workers and time.perf_counter() - t0 < timeout:
+            msg = self.workers.recv(0.5)        # drain, so each worker's queue can flush and it can exit
             if msg is not None and msg[0] in ("stopped", "error"):
+                finished += 1
+            elif msg is None and not self.workers.any_alive():
                 break
-            if msg is None and not self.worker.alive():
-                break
-        return self.worker.join(timeout)
+        return self.workers.join(timeout)
 
     def __enter__(self):
         return self
