@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 from nemotron3 import NemotronForCausalLM, from_preset  # noqa: E402
 from nemotron3.rl import Environment, Task, group_advantages, grpo_loss  # noqa: E402
-from nemotron3.rl.rollout import batch_tensors  # noqa: E402
-from nemotron3.rl.workers import AsyncRollouts, RolloutConfig, SyncRollouts, policy_weights  # noqa: E402
+from nemotron3.rl.rollout import RolloutConfig, SyncRollouts, batch_tensors, policy_weights  # noqa: E402
+from nemotron3.rl.workers import AsyncRollouts  # noqa: E402
 from nemotron3.tokenizer import ByteTokenizer  # noqa: E402
 
 
@@ -113,8 +113,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = [run(mode, args) for mode in ("sync", "async")]
-    print_table(rows, ["mode", "steps", "seconds", "trainer_wait_s", "tokens", "tokens_per_s", "reward_first5", "reward_last5",
-                       "stale_dropped", "max_age_seen", "mixed_version"])
+    print_table(rows, ["mode", "steps", "seconds", "trainer_wait_s", "tokens", "tokens_per_s", "reward_first5",
+                       "reward_last5", "stale_dropped", "max_age_seen", "mixed_version"])
     print(f"async / sync tokens/s: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x")
     fig, ax = new_figure()
     for r in rows:

@@ -10,8 +10,8 @@ from itertools import islice
 import pytest
 import torch
 
-from nemotron3.rl.workers import (AsyncRollouts, RolloutConfig, SyncRollouts, pack_weights, policy_weights,
-                                  unpack_weights)
+from nemotron3.rl.rollout import RolloutConfig, SyncRollouts, policy_weights
+from nemotron3.rl.workers import AsyncRollouts, pack_weights, unpack_weights
 from tests.rl.test_rollout import TOK, Words, tiny_model
 
 CFG = dict(group_size=2, batch_groups=2, max_tokens=24, num_speculative_tokens=2, max_batch=8, seed=0)

@@ -20,6 +20,15 @@ appended for what the model did not write itself, so a stop token the engine swa
 Episodes end when the environment says done, at `max_turns` model turns, or when the next turn would not fit the
 engine's context (finish_reason "length"); then env.score gives the reward.
 
+Where rollouts run (SyncRollouts here; AsyncRollouts in workers.py, with the same calls): Nemotron 3 Nano trains
+synchronously, colocated: generate the whole batch with the current weights, then one update.
+
+    rollouts = SyncRollouts(model, tokenizer, {"math": "math"}, RolloutConfig(group_size=16), tasks)
+    for step in range(steps):
+        groups = rollouts.get_batch(version=step)     # batch_groups groups; tasks yields (env name, Task)
+        ... one GRPO step on groups ...
+        rollouts.update_weights([], version=step + 1) # colocated: the engine runs the trainer's model itself
+
 The SSM state stays float32 during rollouts: HybridCache allocates it so whatever the model's dtype.
 Left out: the stop token's own log-probability (the engine does not report it, so it carries no loss), partial
 rewards per turn, and a token budget across turns (max_tokens is per model turn).
@@ -27,13 +36,16 @@ rewards per turn, and a token budget across turns (max_tokens is per model turn)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Iterator
+from itertools import islice
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from nemotron3.chat_format import parse_tool_calls
-from nemotron3.infer import Request, SamplingParams
-from nemotron3.rl.environment import Environment, Task, reward_of
+from nemotron3.infer import Engine, Request, SamplingParams
+from nemotron3.rl.environment import Environment, Task, load_environment, reward_of
 
 _PROBE = "\x1d<probe>\x1d"       # content no real message contains: locates the template's end-of-turn text
 
@@ -189,6 +201,18 @@ class RolloutRunner:
                 finished.append([e.trajectory(e.score) for e in self.groups.pop(ep.group)])
         return finished
 
+    def run(self, envs: list[Environment], tasks: list[Task], group_size: int, first_group: int = 0
+            ) -> list[list[Trajectory]]:
+        """Add a group per task (group ids first_group, first_group + 1, ...), step until all finish; the groups
+        in task order."""
+        for i, (env, task) in enumerate(zip(envs, tasks)):
+            self.add_group(env, task, group_size, first_group + i)
+        done: dict[int, list[Trajectory]] = {}
+        while self.busy():
+            for group in self.step():
+                done[group[0].group] = group
+        return [done[first_group + i] for i in range(len(tasks))]
+
     def abort(self) -> None:
         """Drop every episode in flight (the engine's requests too)."""
         for rid in list(self.requests):
@@ -247,13 +271,151 @@ def rollout(engine, tokenizer, env: Environment | list[Environment], tasks: list
                          "on the shared one).")
     runner = RolloutRunner(engine, tokenizer, sampling=sampling, max_tokens=max_tokens, max_turns=max_turns,
                            thinking=thinking, stop=stop, stop_token_ids=stop_token_ids)
-    for i, (e, t) in enumerate(zip(envs, tasks)):
-        runner.add_group(e, t, group_size, group=i)
-    done: dict[int, list[Trajectory]] = {}
-    while runner.busy():
-        for group in runner.step():
-            done[group[0].group] = group
-    return [done[i] for i in range(len(tasks))]
+    return runner.run(envs, tasks, group_size)
+
+
+# ---- synchronous rollouts: the trainer's batch, generated at once ------------------------------------------------
+@dataclass
+class RolloutConfig:
+    """How rollouts are sampled and where they run (sync: SyncRollouts here; async: AsyncRollouts in workers.py)."""
+    group_size: int = 16
+    """G: samples per prompt (GRPO's group)."""
+    batch_groups: int = 128
+    """Prompts per training step (Nano 128 x 16 = 2048 rollouts; Super 256 x 16)."""
+    max_tokens: int = 1024
+    """Model tokens per turn."""
+    max_turns: int = 8
+    """Model turns per episode (multi-turn environments)."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (Nemotron 3: 1.0)."""
+    top_p: float = 1.0
+    """Nucleus of rollouts (Nemotron 3: 1.0, i.e. the full distribution)."""
+    seed: int | None = None
+    """Seed of the rollout streams (None: fresh randomness)."""
+    thinking: bool = False
+    """Prompts open a thought (chat template enable_thinking)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings ending a model turn (besides the tokenizer's eos), e.g. the template's end-of-turn text."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra stop tokens ending a model turn."""
+    num_speculative_tokens: int | dict = 3
+    """MTP draft tokens per round, or {max live batch: K} (0 = plain decoding)."""
+    max_batch: int = 64
+    """Sequences the engine decodes at once."""
+    max_trajectory_age_steps: int = 1
+    """Async: a group is used only if all its tokens come from versions >= the trainer's version minus this."""
+    buffer_groups: int | None = None
+    """Async: groups handed out but not yet consumed, in [batch_groups, max_trajectory_age_steps x batch_groups]
+    (the default, the most overlap that can never make a group stale)."""
+    device: str = "cpu"
+    """Async: the rollout worker's device."""
+    dtype: str = "float32"
+    """Async: the rollout worker's weights, float32 or bfloat16 (the SSM state stays float32 either way)."""
+    threads: int = 1
+    """Async: torch threads of each rollout worker on CPU."""
+    num_workers: int = 1
+    """Async: rollout workers (processes or Ray actors), each with its own model copy and engine; a new task goes
+    to the one with the fewest in hand."""
+
+    def __post_init__(self):
+        for name in ("group_size", "batch_groups", "max_tokens", "max_turns", "max_batch", "threads", "num_workers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer.")
+        if not isinstance(self.max_trajectory_age_steps, int) or self.max_trajectory_age_steps < 1:
+            raise ValueError(f"max_trajectory_age_steps={self.max_trajectory_age_steps!r} must be an integer >= 1 "
+                             f"(async rollouts are at least one step behind); use SyncRollouts for on-policy.")
+        most = self.max_trajectory_age_steps * self.batch_groups
+        if self.buffer_groups is not None and not self.batch_groups <= self.buffer_groups <= most:
+            raise ValueError(f"buffer_groups={self.buffer_groups} must lie in [batch_groups, max_trajectory_age_steps "
+                             f"x batch_groups] = [{self.batch_groups}, {most}] (fewer never fills a batch; more lets "
+                             f"groups grow stale); or None for {most}.")
+        if self.group_size > self.max_batch:
+            raise ValueError(f"group_size={self.group_size} exceeds max_batch={self.max_batch}: one prompt's samples "
+                             f"decode together; raise max_batch.")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'.")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)     # its own checks
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+
+    @property
+    def buffer(self) -> int:
+        return self.buffer_groups or self.max_trajectory_age_steps * self.batch_groups
+
+
+def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """What a weight update sends: every parameter and buffer (the MoE routers' e_score_correction_bias keeps
+    moving during RL), as (name, detached tensor) pairs."""
+    return [(n, t.detach()) for n, t in list(model.named_parameters()) + list(model.named_buffers())]
+
+
+def apply_weights(engine: Engine, named_tensors, version: int) -> None:
+    """engine.update_weights for parameters; buffers (which it does not take) are copied here first."""
+    buffers = dict(engine.model.named_buffers())
+    params = []
+    with torch.no_grad():
+        for name, t in named_tensors:
+            if name in buffers:
+                buffers[name].copy_(t)
+            else:
+                params.append((name, t))
+    engine.update_weights(params, version)
+
+
+def runner_for(engine, tokenizer, config: RolloutConfig) -> RolloutRunner:
+    return RolloutRunner(engine, tokenizer, sampling=config.sampling, max_tokens=config.max_tokens,
+                         max_turns=config.max_turns, thinking=config.thinking, stop=config.stop,
+                         stop_token_ids=config.stop_token_ids)
+
+
+def environments(envs: dict) -> dict[str, Environment]:
+    if not isinstance(envs, dict) or not envs:
+        raise ValueError("envs must be a non-empty dict {name: Environment or 'module:Class' / built-in name}.")
+    return {name: load_environment(spec) for name, spec in envs.items()}
+
+
+def env_for(envs: dict[str, Environment], name: str) -> Environment:
+    if name not in envs:
+        raise ValueError(f"a task names environment {name!r}, but envs has only {sorted(envs)}; the task iterator "
+                         f"yields (environment name, Task) with names from envs.")
+    return envs[name]
+
+
+class SyncRollouts:
+    """Synchronous (Nano): get_batch generates batch_groups groups with the current weights, all at once through
+    one engine, and returns when the last one finishes. Colocated: `model` may be the trainer's own model, and then
+    update_weights([], version) only records the new version."""
+
+    def __init__(self, model, tokenizer, envs: dict, config: RolloutConfig, tasks: Iterator[tuple[str, Task]]):
+        self.envs, self.config, self.tasks = environments(envs), config, iter(tasks)
+        self.tok = tokenizer
+        self.engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
+        self.stats = {"tokens": 0, "seconds": 0.0, "groups": 0, "stale_dropped": 0}
+        self._group = 0
+
+    def get_batch(self, version: int) -> list[list[Trajectory]]:
+        t0 = time.perf_counter()
+        if version != self.engine.version:
+            raise ValueError(f"get_batch(version={version}) but the engine holds version {self.engine.version}; call "
+                             f"update_weights(named_tensors, version) after each training step.")
+        items = list(islice(self.tasks, self.config.batch_groups))
+        envs = [env_for(self.envs, name) for name, _ in items]
+        groups = runner_for(self.engine, self.tok, self.config).run(envs, [task for _, task in items],
+                                                                   self.config.group_size, self._group)
+        self._group += len(groups)
+        self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["tokens"] += sum(t.num_generated for g in groups for t in g)
+        self.stats["groups"] += len(groups)
+        return groups
+
+    def update_weights(self, named_tensors, version: int) -> None:
+        apply_weights(self.engine, named_tensors, version)
+
+    def close(self) -> None:
+        pass
 
 
 def batch_tensors(groups: list[list[Trajectory]], pad_id: int = 0) -> dict[str, torch.Tensor]:

@@ -1,20 +1,20 @@
-"""Where rollouts run relative to the trainer: synchronously in the trainer's process (Nemotron 3 Nano: generate
-the whole batch, then one update) or asynchronously in a rollout worker process (Super §3.2.4: generation never
-stops; new weights are pushed in flight; a trajectory is used at most `max_trajectory_age_steps` versions late).
+"""Asynchronous rollouts (Nemotron 3 Super §3.2.4): rollout workers generate continuously into a bounded buffer
+while the trainer steps; new weights are pushed in flight; a trajectory is used only if its tokens are at most
+`max_trajectory_age_steps` policy versions old. The same calls as SyncRollouts (rl/rollout.py):
 
-    rollouts = SyncRollouts(model, tokenizer, envs, config, tasks)          # or AsyncRollouts(...), same calls
+    rollouts = AsyncRollouts(model.config, tokenizer, envs, config, tasks)      # workers start (spawned processes)
+    rollouts.update_weights(policy_weights(model), version=0)
     for step in range(steps):
-        groups = rollouts.get_batch(version=step)       # config.batch_groups groups of config.group_size
+        groups = rollouts.get_batch(version=step)      # generated while the previous step trained
         ... one GRPO step on groups ...
         rollouts.update_weights(policy_weights(model), version=step + 1)
     rollouts.close()
 
-tasks: an iterator of (environment name, Task), e.g. the curriculum's; envs: {name: Environment or load spec}.
-
-Async protocol. The trainer talks to a worker over two FIFO queues. To the worker: ("weights", version, packed (name,
-tensor) pairs: one flat CPU tensor per dtype, see pack_weights), ("task", group, env, task), ("stop",). From it: ("group", [Trajectory]), ("error", traceback),
-("stopped", stats). The worker applies every message between two engine steps, so weights change under sequences
-in flight (each token records the version that produced it; caches are not recomputed, as in Super).
+Protocol. The trainer talks to a worker over two FIFO queues. To the worker: ("weights", version, packed (name,
+tensor) pairs: one flat CPU tensor per dtype, see pack_weights), ("task", group, env, task), ("stop",). From it:
+("group", [Trajectory]), ("error", traceback), ("stopped", stats). The worker applies every message between two
+engine steps, so weights change under sequences in flight (each token records the version that produced it;
+caches are not recomputed, as in Super).
 The buffer is bounded by credits: the trainer hands out at most buffer_groups tasks it has not consumed yet, and
 one more for each group it takes. The worker starts a group only when a task arrives, so it idles (still applying
 weights) when the buffer is full. Groups are consumed in task order; one that finishes early waits in the buffer.
@@ -35,107 +35,17 @@ tensors through shared memory), partial groups.
 from __future__ import annotations
 
 import queue
-from collections import deque
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from nemotron3.infer import Engine, SamplingParams
-from nemotron3.rl.environment import Environment, Task, load_environment
-from nemotron3.rl.rollout import RolloutRunner, Trajectory
-
-
-@dataclass
-class RolloutConfig:
-    group_size: int = 16
-    """G: samples per prompt (GRPO's group)."""
-    batch_groups: int = 128
-    """Prompts per training step (Nano 128 x 16 = 2048 rollouts; Super 256 x 16)."""
-    max_tokens: int = 1024
-    """Model tokens per turn."""
-    max_turns: int = 8
-    """Model turns per episode (multi-turn environments)."""
-    temperature: float = 1.0
-    """Sampling temperature of rollouts (Nemotron 3: 1.0)."""
-    top_p: float = 1.0
-    """Nucleus of rollouts (Nemotron 3: 1.0, i.e. the full distribution)."""
-    seed: int | None = None
-    """Seed of the rollout streams (None: fresh randomness)."""
-    thinking: bool = False
-    """Prompts open a thought (chat template enable_thinking)."""
-    stop: list[str] = field(default_factory=list)
-    """Stop strings ending a model turn (besides the tokenizer's eos), e.g. the template's end-of-turn text."""
-    stop_token_ids: list[int] = field(default_factory=list)
-    """Extra stop tokens ending a model turn."""
-    num_speculative_tokens: int | dict = 3
-    """MTP draft tokens per round, or {max live batch: K} (0 = plain decoding)."""
-    max_batch: int = 64
-    """Sequences the engine decodes at once."""
-    max_trajectory_age_steps: int = 1
-    """Async: a group is used only if all its tokens come from versions >= the trainer's version minus this."""
-    buffer_groups: int | None = None
-    """Async: groups handed out but not yet consumed, in [batch_groups, max_trajectory_age_steps x batch_groups]
-    (the default, the most overlap that can never make a group stale)."""
-    device: str = "cpu"
-    """Async: the rollout worker's device."""
-    dtype: str = "float32"
-    """Async: the rollout worker's weights, float32 or bfloat16 (the SSM state stays float32 either way)."""
-    threads: int = 1
-    """Async: torch threads of each rollout worker on CPU."""
-    num_workers: int = 1
-    """Async: rollout workers (processes or Ray actors), each with its own model copy and engine; a new task goes
-    to the one with the fewest in hand."""
-
-    def __post_init__(self):
-        for name in ("group_size", "batch_groups", "max_tokens", "max_turns", "max_batch", "threads", "num_workers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer.")
-        if not isinstance(self.max_trajectory_age_steps, int) or self.max_trajectory_age_steps < 1:
-            raise ValueError(f"max_trajectory_age_steps={self.max_trajectory_age_steps!r} must be an integer >= 1 "
-                             f"(async rollouts are at least one step behind); use SyncRollouts for on-policy.")
-        most = self.max_trajectory_age_steps * self.batch_groups
-        if self.buffer_groups is not None and not self.batch_groups <= self.buffer_groups <= most:
-            raise ValueError(f"buffer_groups={self.buffer_groups} must lie in [batch_groups, max_trajectory_age_steps "
-                             f"x batch_groups] = [{self.batch_groups}, {most}] (fewer never fills a batch; more lets "
-                             f"groups grow stale); or None for {most}.")
-        if self.group_size > self.max_batch:
-            raise ValueError(f"group_size={self.group_size} exceeds max_batch={self.max_batch}: one prompt's samples "
-                             f"decode together; raise max_batch.")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'.")
-        SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)     # its own checks
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
-
-    @property
-    def buffer(self) -> int:
-        return self.buffer_groups or self.max_trajectory_age_steps * self.batch_groups
-
-
-def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
-    """What a weight update sends: every parameter and buffer (the MoE routers' e_score_correction_bias keeps
-    moving during RL), as (name, detached tensor) pairs."""
-    return [(n, t.detach()) for n, t in list(model.named_parameters()) + list(model.named_buffers())]
-
-
-def apply_weights(engine: Engine, named_tensors, version: int) -> None:
-    """engine.update_weights for parameters; buffers (which it does not take) are copied here first."""
-    buffers = dict(engine.model.named_buffers())
-    params = []
-    with torch.no_grad():
-        for name, t in named_tensors:
-            if name in buffers:
-                buffers[name].copy_(t)
-            else:
-                params.append((name, t))
-    engine.update_weights(params, version)
+from nemotron3.infer import Engine
+from nemotron3.rl.environment import Task
+from nemotron3.rl.rollout import RolloutConfig, Trajectory, apply_weights, env_for, environments, runner_for
 
 
 def pack_weights(named_tensors) -> list[tuple[torch.Tensor, list[tuple[str, tuple]]]]:
@@ -159,64 +69,6 @@ def unpack_weights(packed) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _runner(engine, tokenizer, config: RolloutConfig) -> RolloutRunner:
-    return RolloutRunner(engine, tokenizer, sampling=config.sampling, max_tokens=config.max_tokens,
-                         max_turns=config.max_turns, thinking=config.thinking, stop=config.stop,
-                         stop_token_ids=config.stop_token_ids)
-
-
-def _environments(envs: dict) -> dict[str, Environment]:
-    if not isinstance(envs, dict) or not envs:
-        raise ValueError("envs must be a non-empty dict {name: Environment or 'module:Class' / built-in name}.")
-    return {name: load_environment(spec) for name, spec in envs.items()}
-
-
-def _env_for(envs: dict[str, Environment], name: str) -> Environment:
-    if name not in envs:
-        raise ValueError(f"a task names environment {name!r}, but envs has only {sorted(envs)}; the task iterator "
-                         f"yields (environment name, Task) with names from envs.")
-    return envs[name]
-
-
-class SyncRollouts:
-    """Synchronous (Nano): get_batch generates batch_groups groups with the current weights, all at once through
-    one engine, and returns when the last one finishes. Colocated: `model` may be the trainer's own model, and then
-    update_weights([], version) only records the new version."""
-
-    def __init__(self, model, tokenizer, envs: dict, config: RolloutConfig, tasks: Iterator[tuple[str, Task]]):
-        self.envs, self.config, self.tasks = _environments(envs), config, iter(tasks)
-        self.tok = tokenizer
-        self.engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
-        self.stats = {"tokens": 0, "seconds": 0.0, "groups": 0, "stale_dropped": 0}
-        self._group = 0
-
-    def get_batch(self, version: int) -> list[list[Trajectory]]:
-        t0 = time.perf_counter()
-        if version != self.engine.version:
-            raise ValueError(f"get_batch(version={version}) but the engine holds version {self.engine.version}; call "
-                             f"update_weights(named_tensors, version) after each training step.")
-        runner = _runner(self.engine, self.tok, self.config)
-        for _ in range(self.config.batch_groups):
-            item = next(self.tasks, None)
-            if item is None:
-                break
-            runner.add_group(_env_for(self.envs, item[0]), item[1], self.config.group_size, self._group)
-            self._group += 1
-        groups = []
-        while runner.busy():
-            groups += runner.step()
-        self.stats["seconds"] += time.perf_counter() - t0
-        self.stats["tokens"] += sum(t.num_generated for g in groups for t in g)
-        self.stats["groups"] += len(groups)
-        return sorted(groups, key=lambda g: g[0].group)
-
-    def update_weights(self, named_tensors, version: int) -> None:
-        apply_weights(self.engine, named_tensors, version)
-
-    def close(self) -> None:
-        pass
-
-
 # ---- the async worker ---------------------------------------------------------------------------------------------
 def worker_loop(model_config, tokenizer, envs: dict, config: RolloutConfig, get, put) -> None:
     """The rollout worker: builds its own model and engine on the first weights message, then alternates between
@@ -224,7 +76,7 @@ def worker_loop(model_config, tokenizer, envs: dict, config: RolloutConfig, get,
     torch.set_num_threads(config.threads)
     try:
         from nemotron3 import NemotronForCausalLM
-        envs = _environments(envs)
+        envs = environments(envs)
         engine = runner = None
         while True:
             msg = get(runner is None or not runner.busy())
@@ -240,11 +92,11 @@ def worker_loop(model_config, tokenizer, envs: dict, config: RolloutConfig, get,
                         model = NemotronForCausalLM(model_config).to(config.device, getattr(torch, config.dtype))
                         model.eval()
                         engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
-                        runner = _runner(engine, tokenizer, config)
+                        runner = runner_for(engine, tokenizer, config)
                     apply_weights(engine, unpack_weights(msg[2]), msg[1])
                 elif kind == "task":
                     _, group, env_name, task = msg
-                    runner.add_group(_env_for(envs, env_name), task, config.group_size, group)
+                    runner.add_group(env_for(envs, env_name), task, config.group_size, group)
                 msg = get(False)
             if runner is not None and runner.busy():
                 for group in runner.step():
@@ -383,7 +235,7 @@ class AsyncRollouts:
                  backend: str = "process", ray_init: dict | None = None, timeout_s: float = 600.0):
         if backend not in ("process", "ray"):
             raise ValueError(f"backend={backend!r} is unknown; use 'process' or 'ray'.")
-        self.envs = _environments(envs)                      # a bad spec fails here, not in the worker
+        self.envs = environments(envs)                      # a bad spec fails here, not in the worker
         self.config, self.tasks, self.timeout_s = config, iter(tasks), timeout_s
         n = config.num_workers
         self.workers = (_ProcessWorkers(n, model_config, tokenizer, envs, config) if backend == "process"
@@ -415,7 +267,7 @@ class AsyncRollouts:
             item = next(self.tasks, None)
             if item is None:
                 return
-            _env_for(self.envs, item[0])
+            env_for(self.envs, item[0])
             i = min(range(len(self.in_hand)), key=self.in_hand.__getitem__)    # the least busy worker
             self.workers.send(i, ("task", self._group, item[0], item[1]))
             self.in_hand[i] += 1
