@@ -169,8 +169,9 @@ class ScriptedEngine:
                 ids = self.tok.encode(text)
                 lps = torch.tensor([-0.25 - 0.001 * j for j in range(len(ids))])
                 content = text[:text.index("<|im_end|>")]                # stop=["<|im_end|>"] cuts it from the text
-                result = Result(ids, content, None, content.strip(), "stop", len(req.prompt_ids), None, False, rid,
-                                sample, lps, lps, [self.version] * len(ids))
+                result = Result(ids, content, None, content.strip(), "stop", len(req.prompt_ids), request_id=rid,
+                                sample=sample, token_logprobs=lps, sampled_logprobs=lps,
+                                versions=[self.version] * len(ids))
                 events.append(Event(rid, sample, ids[-1], "", result))
         self.queue = []
         return events
