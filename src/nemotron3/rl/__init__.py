@@ -1,11 +1,15 @@
 """Multi-environment RL (Nemotron 3 RLVR): GRPO with masked importance sampling, environments with verifiable
-rewards, a sandbox for model-written code and the pass-rate curriculum. The public API:
+rewards, a sandbox for model-written code, the pass-rate curriculum, and rollouts (sync or async). The public API:
 
     from nemotron3.rl import group_advantages, grpo_loss, Environment, Task
+    from nemotron3.rl import rollout, RolloutConfig, SyncRollouts, AsyncRollouts, batch_tensors, policy_weights
     from nemotron3.rl.sandbox import run_python
 """
 
 from nemotron3.rl.environment import Environment, Task, load_environment, reward_of
 from nemotron3.rl.grpo import group_advantages, grpo_loss
+from nemotron3.rl.rollout import RolloutConfig, SyncRollouts, Trajectory, batch_tensors, policy_weights, rollout
+from nemotron3.rl.workers import AsyncRollouts
 
-__all__ = ["group_advantages", "grpo_loss", "Environment", "Task", "load_environment", "reward_of"]
+__all__ = ["group_advantages", "grpo_loss", "Environment", "Task", "load_environment", "reward_of", "rollout",
+           "RolloutConfig", "SyncRollouts", "AsyncRollouts", "Trajectory", "batch_tensors", "policy_weights"]
