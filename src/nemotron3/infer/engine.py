@@ -97,6 +97,7 @@ class Event:
     token_id: int | None                  # None for an event that only finishes (abort, error)
     text: str                             # new text made visible by this token (may be empty)
     result: Result | None = None          # set on the sequence's last event
+    logprob: dict | None = None           # this token's logprob entry when the request asked for logprobs (streams)
 
     @property
     def index(self) -> int:               # position of the request in generate()/stream() order
@@ -580,9 +581,11 @@ class Engine:
             for k in range(a + 1):
                 tok = host[0][j][k]
                 alt = list(zip(alts[1][j][k], alts[0][j][k]))[:seq.req.logprobs] if alts and seq.req.logprobs else None
+                kept = len(seq.tokens)
                 piece = seq.emit(tok, host[2][j][k], host[3][j][k], self.version, alt)
                 self.stats["tokens"] += 1
-                events.append(Event(seq.rid, seq.sample, tok, piece, seq.result() if seq.finish else None))
+                entry = seq.logprobs[-1] if seq.logprobs is not None and len(seq.tokens) > kept else None
+                events.append(Event(seq.rid, seq.sample, tok, piece, seq.result() if seq.finish else None, entry))
                 if seq.finish:
                     finished.append(i)
                     break

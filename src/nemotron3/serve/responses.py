@@ -1,0 +1,5 @@
+"""/v1/responses (placeholder)."""
+
+
+def add_routes(app, state):
+    pass
