@@ -73,6 +73,7 @@ class Run:
         self.events: asyncio.Queue = asyncio.Queue()
         self.jobs = [Job(r, self.events, tag=i) for i, r in enumerate(parsed.requests)] if parsed.generate else []
         self.watch = None
+        self.last_token: dict[tuple[int, int], int] = {}        # a stop token is not in Result.token_ids
 
     async def submit(self):
         if self.jobs and not self.state.scheduler.submit(self.jobs):
@@ -105,15 +106,29 @@ class Run:
                 return None
             if kind == "error":
                 raise HTTPError(val[0], val[1], ERROR_TYPES.get(val[0], "server_error"))
+            if kind == "token":
+                self.last_token[tag, val.sample] = val.token_id
             if kind == "done":
                 done[tag, val.sample] = val
                 self.jobs[tag].remaining -= 1
         return [[done[t, s] for s in range(j.request.n)] for t, j in enumerate(self.jobs)]
 
-    async def scores(self, top: int):
+    async def scores(self, seqs: list[list[int]], top: int):
         model = self.state.engine.model
-        prompts = self.parsed.prompts
-        return await self.state.scheduler.call(lambda: [score_prompt(model, p, top) for p in prompts])
+        return await self.state.scheduler.call(lambda: [score_prompt(model, p, top) for p in seqs])
+
+    def scored_ids(self, results) -> list[list[int]]:
+        """Per choice, the ids whose log-probabilities an echo returns: the prompt, the output, and the stop token
+        that ended it (vLLM's and OpenAI's echo include it; lm-eval's loglikelihood drops exactly one last entry)."""
+        if not self.parsed.generate:
+            return [list(p) for p in self.parsed.prompts]
+        eos = self.state.tokenizer.eos_token_id
+        out = []
+        for i, (p, rs) in enumerate(zip(self.parsed.prompts, results)):
+            for r in rs:
+                stop = self.last_token.get((i, r.sample))
+                out.append(list(p) + r.token_ids + ([stop] if stop is not None and stop == eos else []))
+        return out
 
 
 def _failed(results) -> None:
@@ -231,30 +246,32 @@ def build_app(state) -> FastAPI:
             return StreamingResponse(_guarded(run, _stream_completion(state, run)), media_type="text/event-stream")
         try:
             run.watch_disconnect()
-            scores = await run.scores(parsed.logprobs or 0) if parsed.echo and parsed.logprobs is not None else None
-            results = await run.results() if parsed.generate else [[] for _ in parsed.prompts]
+            results = await run.results() if parsed.generate else [[None] for _ in parsed.prompts]
+            scores = scored = None
+            if results is not None and parsed.echo and parsed.logprobs is not None:
+                scored = run.scored_ids(results)
+                scores = await run.scores(scored, parsed.logprobs)
         finally:
             await run.close()
         if results is None:
             return Response(status_code=499)
-        _failed(results)
+        _failed([[r for r in rs if r is not None] for rs in results])
         tok, choices = state.tokenizer, []
-        n = parsed.requests[0].n
+        n = len(results[0])
         for i, ids in enumerate(parsed.prompts):
-            for s in range(n if parsed.generate else 1):
-                res = results[i][s] if parsed.generate else None
+            for s, res in enumerate(results[i]):
                 text = (tok.decode(ids) if parsed.echo else "") + (res.text if res else "")
                 lp = None
-                if parsed.logprobs is not None:
-                    gen = (res.logprobs or []) if res else []
-                    lp_ids, lps, tops = [], [], []
-                    if parsed.echo:
-                        sc = scores[i]
-                        lp_ids, lps, tops = list(ids), [None] + sc.token_logprobs, [None] + sc.top
-                    lp = legacy_logprobs(tok, lp_ids + [e["token"] for e in gen], lps + [e["logprob"] for e in gen],
-                                         tops + [e["top"] for e in gen])
+                if scores is not None:                       # echo: every entry from one forward, first one null
+                    sc = scores[i * n + s]
+                    lp = legacy_logprobs(tok, scored[i * n + s], [None] + sc.token_logprobs, [None] + sc.top)
+                elif parsed.logprobs is not None:
+                    gen = res.logprobs or []
+                    lp = legacy_logprobs(tok, [e["token"] for e in gen], [e["logprob"] for e in gen],
+                                         [e["top"] for e in gen])
                 choices.append({"index": i * n + s, "text": text, "logprobs": lp,
                                 "finish_reason": res.finish_reason if res else "length"})
+        results = [[r for r in rs if r is not None] for rs in results]
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": state.name, "choices": choices, "usage": _usage(parsed.prompts, results)}
 
@@ -305,7 +322,7 @@ async def _stream_completion(state, run: Run):
                      "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]})
 
     if parsed.echo:
-        scores = await run.scores(parsed.logprobs or 0) if parsed.logprobs is not None else None
+        scores = await run.scores(parsed.prompts, parsed.logprobs) if parsed.logprobs is not None else None
         for i, ids in enumerate(parsed.prompts):
             lp = legacy_logprobs(tok, ids, [None] + scores[i].token_logprobs, [None] + scores[i].top) if scores else None
             for s in range(n):
