@@ -66,6 +66,11 @@ class Request:
     """What a budget forces to end the thought (NVIDIA's: ".\n</think>\n\n"; match the model's training format)."""
     n: int = 1
     """Samples of this prompt: prefilled once, forked into n rows (sample i seeds its stream with (seed, i))."""
+    grammar: object | None = None
+    """Constrained decoding (structured output): an object with fork() -> a fresh copy per sample,
+    mask(ahead: list[int]) -> (V,) bool tensor of the tokens allowed after its committed tokens plus `ahead` (or None
+    for no constraint now), and advance(token) to commit an emitted token. Masked tokens get probability 0 in the
+    target (and draft) distributions, so a draft the grammar rejects is rejected by the accept rule."""
 
 
 @dataclass
@@ -130,11 +135,14 @@ class _Sequence:
         self.stops = {tok.eos_token_id, *req.stop_token_ids} - {None}
         self.budget = budget
         self.budget_state = BudgetState() if budget is not None else None
+        self.grammar = req.grammar.fork() if req.grammar is not None else None
 
     def emit(self, token: int, lp_raw: float, lp_sampled: float, version: int, top=None) -> str:
         """Append a token; returns the text that became visible. Sets finish when a stop condition hits."""
         if self.budget is not None:
             self.budget_state = self.budget.advance(self.budget_state, token)
+        if self.grammar is not None:
+            self.grammar.advance(token)
         if token in self.stops:                   # a stop token is not part of the output, nor its logprob
             self.finish = "stop"
         else:
@@ -441,7 +449,8 @@ class Engine:
         logits = out.logits[:, -1:].expand(n, 1, -1)
         rp = RowParams([pf.req.sampling] * n, self.device)
         forced = [s.budget.forced(s.budget_state) if s.budget else None for s in pf.seqs]
-        p = self._target(logits, rp, None if seen is None else seen[:, None], [[f] for f in forced])
+        masks = self._grammar_masks(pf.seqs, [[[]] for _ in pf.seqs])
+        p = self._target(logits, rp, None if seen is None else seen[:, None], [[f] for f in forced], masks)
         first = draw(p[:, 0], uniforms(rng_key, torch.zeros(n, dtype=torch.long, device=self.device), 1)[:, 0])
         if mtp is not None and pf.prev_h.shape[1] > 1:
             tail = pf.prev_h[:, :-1]
@@ -456,9 +465,11 @@ class Engine:
                    logits, p)
 
     # ---- decode -------------------------------------------------------------------------------------------------
-    def _target(self, logits, rp, seen, forced):
+    def _target(self, logits, rp, seen, forced, masks=None):
         """Target distributions (b, L, V) with budget-forced tokens as one-hot rows; forced: per row, per position,
-        a token id or None (or None for the whole row)."""
+        a token id or None (or None for the whole row); masks: (b, L, V) bool of grammar-allowed tokens, or None."""
+        if masks is not None:
+            logits = logits.masked_fill(~masks, float("-inf"))
         p = target_probs_rows(logits, rp, seen)
         if any(f is not None for row in forced if row for f in row):
             L = logits.shape[1]
@@ -477,7 +488,7 @@ class Engine:
             out = self.model(self.last[:, None], cache=view, logits_to_keep=1)  # drafts are poor, never wrong
             seen = None if self.seen is None else self.seen[:, None]
             forced = [[s.budget.forced(s.budget_state)] if s.budget else None for s in self.rows]
-            p = self._target(out.logits, self.params, seen, forced)
+            p = self._target(out.logits, self.params, seen, forced, self._grammar_masks(self.rows, [[[]]] * b))
             tok = draw(p[:, 0], uniforms(self.rng_key, self.counter, 1)[:, 0])[:, None]
             self.counter += 1
             self.last = tok[:, 0]
@@ -496,13 +507,19 @@ class Engine:
         start_mtp = mtp.pos.clone()
         saved = {i: (mtp.conv[i].clone(), mtp.ssm[i].clone()) for i in mtp.ssm}
         h, drafts, qs, seens = self.draft_h, [], [], []
+        ahead = [[] for _ in range(b)] if any(s.grammar is not None for s in self.rows) else None
         for j in range(1, K + 1):
             logits_q = model.lm_head(h[:, -1:]).float()                         # (b, 1, V)
+            if ahead is not None:                     # drafts follow the grammar too (after the drafts before them)
+                logits_q = logits_q.masked_fill(~self._grammar_masks(self.rows, [[a] for a in ahead]), float("-inf"))
             seens.append(None if seen is None else seen[:, None])
             q = target_probs_rows(logits_q, self.params, seens[-1])[:, 0]      # (b, V)
             d = draw(q, u[:, j - 1])
             drafts.append(d)
             qs.append(q)
+            if ahead is not None:
+                for a, t in zip(ahead, d.tolist()):
+                    a.append(t)
             if seen is not None:
                 seen = seen.clone()
                 seen[torch.arange(b, device=d.device), d] = True
@@ -520,7 +537,8 @@ class Engine:
         out = model(torch.cat([self.last[:, None], drafts], 1), cache=main, keep_mamba_states=True)
         # 3. accept: each row its own count
         forced = self._forced_ahead(drafts, K)
-        p = self._target(out.logits, self.params, None if seen is None else torch.cat(seens, 1), forced)
+        masks = None if ahead is None else self._grammar_masks(self.rows, [[a[:j] for j in range(K + 1)] for a in ahead])
+        p = self._target(out.logits, self.params, None if seen is None else torch.cat(seens, 1), forced, masks)
         emitted, n = accept_drafts(p, q, drafts, u[:, K:2 * K], u[:, 2 * K])
         # 4. roll back each row to t0, d1..dn
         main.keep_prefix(start, n + 1, out.mamba_states)
@@ -532,6 +550,20 @@ class Engine:
         self.last = emitted[rows, n]
         self.stats["rounds"] += 1
         self._emit(events, list(range(b)), emitted, n, out.logits, p)
+
+    def _grammar_masks(self, seqs: list[_Sequence], ahead: list[list[list[int]]]) -> torch.Tensor | None:
+        """(b, L, V) bool: the tokens row i's grammar allows at position j, after its committed tokens plus
+        ahead[i][j] (drafts not yet accepted); None when no row has a grammar (rows without one allow all)."""
+        if all(s.grammar is None for s in seqs):
+            return None
+        L, V = len(ahead[0]), self.model.config.vocab_size
+        m = torch.ones(len(seqs), L, V, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            for j in range(L if s.grammar is not None else 0):
+                allowed = s.grammar.mask(ahead[i][j])
+                if allowed is not None:
+                    m[i, j] = allowed
+        return m.to(self.device)
 
     def _forced_ahead(self, drafts: torch.Tensor, K: int):
         """Per row with a budget, the token forced at each verify position 0..K (position j is reached only if

@@ -25,6 +25,7 @@ from ..infer.scoring import score_prompt
 from .guard import error_body
 from .protocol import Parsed, parse_chat, parse_completion, parse_messages
 from .scheduler import Job
+from . import tools as tool_format
 from .tools import ToolCallStream, openai_calls, parse_tool_calls
 
 
@@ -216,9 +217,11 @@ def build_app(state) -> FastAPI:
         body = await read_json(request)
         if not isinstance(body, dict) or not (isinstance(body.get("prompt"), str) or "messages" in body):
             raise HTTPError(400, "/tokenize takes {\"prompt\": text} or {\"messages\": [...]}.")
-        if "messages" in body:
+        if "messages" in body:                               # rendered exactly as a chat request would be
             try:
-                text = state.tokenizer.apply_chat_template(parse_messages(body["messages"]), add_generation_prompt=True)
+                tools, choice = tool_format.parse_tools(body.get("tools"), None)
+                text = tool_format.render_prompt(state.tokenizer, parse_messages(body["messages"]), tools,
+                                                 (body.get("chat_template_kwargs") or {}).get("enable_thinking", True))
             except ValueError as e:
                 raise HTTPError(400, str(e), param="messages") from None
         else:
