@@ -185,7 +185,20 @@ def parse_response_format(rf) -> dict | None:
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
         raise RequestError("response_format json_schema needs 'json_schema': {\"name\": ..., \"schema\": {...}}.",
                            "response_format")
-    return {"type": "json_schema", "schema": spec.get("schema") or {}}
+    schema = spec.get("schema") or {}
+    return {"type": "json_schema", "schema": _closed(schema) if spec.get("strict") else schema}
+
+
+def _closed(schema):
+    """OpenAI's strict mode: an object takes no properties beyond those it lists (additionalProperties false)."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if out.get("type") == "object" and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _is_ids(x) -> bool:
