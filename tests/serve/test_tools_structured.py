@@ -132,3 +132,25 @@ def test_constrained_greedy_output_is_the_same_with_and_without_speculation(trai
     plain, spec = run(0), run(3)
     assert plain.token_ids == spec.token_ids
     Person.model_validate_json(plain.content)
+
+
+def test_responses_api_text_stream_and_function_call_round_trip(server):
+    c = server.client()
+    r = c.responses.create(model="m", input="3+4=?", max_output_tokens=40, temperature=0)
+    kinds = [item.type for item in r.output]
+    assert "reasoning" in kinds and r.usage.output_tokens > 0
+    events = list(c.responses.create(model="m", input="3+4=?", max_output_tokens=40, temperature=0, stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    tool = {"type": "function", "name": "get_weather", "strict": True,
+            "parameters": WEATHER["function"]["parameters"]}
+    call = c.responses.create(model="m", input="weather in Oslo?", tools=[tool], max_output_tokens=300,
+                              temperature=0, tool_choice={"type": "function", "name": "get_weather"},
+                              reasoning={"effort": "none"})
+    fc = next(item for item in call.output if item.type == "function_call")
+    assert fc.name == "get_weather" and set(json.loads(fc.arguments)) == {"city", "days"}
+    follow = c.responses.create(model="m", tools=[tool], max_output_tokens=10, reasoning={"effort": "none"}, input=[
+        {"role": "user", "content": "weather in Oslo?"}, fc.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": fc.call_id, "output": "rain"}])
+    assert follow.status in ("completed", "incomplete") and follow.usage.input_tokens > call.usage.input_tokens
