@@ -154,3 +154,16 @@ def test_responses_api_text_stream_and_function_call_round_trip(server):
         {"role": "user", "content": "weather in Oslo?"}, fc.model_dump(exclude_none=True),
         {"type": "function_call_output", "call_id": fc.call_id, "output": "rain"}])
     assert follow.status in ("completed", "incomplete") and follow.usage.input_tokens > call.usage.input_tokens
+
+
+def test_strict_tool_under_auto_gives_plain_text_or_typed_calls(server):
+    c = server.client()
+    for seed in range(3):
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "weather in Paris?"}],
+                                      tools=[WEATHER], max_tokens=300, temperature=1.0, seed=seed,
+                                      extra_body=NO_THINK).choices[0]
+        assert r.finish_reason in ("stop", "tool_calls")
+        if r.finish_reason == "stop":
+            assert "<" not in r.message.content
+        for call in r.message.tool_calls or []:
+            assert isinstance(json.loads(call.function.arguments)["days"], int)

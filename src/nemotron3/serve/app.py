@@ -58,7 +58,9 @@ def validated(state, parse, body) -> Parsed:
         parsed = parse(body, state.tokenizer, state.engine.max_model_len, state.limits)
         for r in parsed.requests:
             state.engine.check(r)
-        if parsed.response_format is not None or (parsed.tools and parsed.tool_choice not in ("auto", "none")):
+        forced_calls = parsed.tools and (parsed.tool_choice not in ("auto", "none") or any(
+            t["strict"] for t in parsed.tools))
+        if parsed.response_format is not None or forced_calls:
             state.constrain(parsed)
     except ValueError as e:
         state.metrics["errors"] += 1

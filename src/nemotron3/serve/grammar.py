@@ -7,8 +7,9 @@ run-time dependencies). See bench/grammar_libs.py.
 `Constraint` is the engine's Request.grammar: fork() per sample, mask(ahead) -> (V,) bool of allowed tokens,
 advance(token). With reasoning on, the grammar starts after "</think>": until the output closes its thought every
 token is allowed. Tool calls: a Lark grammar of Nemotron 3's XML format over the allowed functions; with `strict`
-each parameter's value follows its JSON-schema type (strings are raw text, other values JSON). Leaves out: HF
-tokenizers (only the byte tokenizer's vocabulary is mapped here), and strict arguments under tool_choice=auto.
+each parameter's value follows its JSON-schema type (strings are raw text, other values JSON); under
+tool_choice=auto with a strict tool, the grammar is free text without '<' optionally followed by calls. Leaves out:
+HF tokenizers (only the byte tokenizer's vocabulary is mapped here).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def _llg():
 
 
 _TOKENIZERS: dict = {}
+EOS = 0                                                      # the byte tokenizer's end of text
 
 
 def _ll_tokenizer(tokenizer):
@@ -41,7 +43,7 @@ def _ll_tokenizer(tokenizer):
     llg = _llg()
     if "bytes" not in _TOKENIZERS:
         class Bytes:
-            eos_token_id, bos_token_id, special_token_ids = 0, None, [0]
+            eos_token_id, bos_token_id, special_token_ids = EOS, None, [EOS]
             tokens = [b"\xff[EOS]"] + [bytes([i]) for i in range(1, 256)]     # 0xFF marks a special token
 
             def __call__(self, s):
@@ -84,12 +86,15 @@ class Constraint:
         else:
             m = self.matcher
         n = m.try_consume_tokens(ahead) if ahead else 0
-        if n == len(ahead):
+        # a position after a draft the grammar rejects, or after the end of text, is never reached: it stays
+        # unconstrained (an empty mask would make its probabilities NaN and fail the whole row)
+        reachable = n == len(ahead) and EOS not in ahead
+        if reachable:
             llg.torch.fill_next_token_bitmask(m, self.bitmask, 0)
         if m is self.matcher and n:
             m.rollback(n)                                       # drafts are looked ahead, never committed here
-        if n < len(ahead):                                      # an impossible draft prefix: nothing follows it
-            return torch.zeros(self.V, dtype=torch.bool)
+        if not reachable:
+            return None
         bits = self.bitmask[0]
         allowed = ((bits[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().reshape(-1)[:self.V]
         return allowed
@@ -115,7 +120,8 @@ def _value_rule(schema: dict, strict: bool) -> str:
 
 
 def tool_call_grammar(tools: list[dict], choice) -> str:
-    """Lark: one or more calls in the XML format, restricted to the named function when tool_choice names one."""
+    """Lark: one or more calls in the XML format, restricted to the named function when tool_choice names one;
+    for tool_choice=auto (strict tools), text without '<' optionally followed by calls."""
     allowed = [t for t in tools if choice in ("required", "auto") or t["name"] == choice["name"]]
     rules, alts = [], []
     for k, t in enumerate(allowed):
@@ -129,12 +135,14 @@ def tool_call_grammar(tools: list[dict], choice) -> str:
         rules.append(f"f{k}: \"<function={t['name']}>\\n\" {' '.join(parts)} \"</function>\\n\"")
         alts.append(f"f{k}")
     rules.append(f"call: \"<tool_call>\\n\" ({' | '.join(alts)}) \"</tool_call>\"")
-    return "start: call (\"\\n\" call)*\n" + "\n".join(rules)
+    calls = "call (\"\\n\" call)*"
+    start = f"/[^<]*/ | /[^<]*/ {calls}" if choice == "auto" else calls
+    return f"start: {start}\n" + "\n".join(rules)
 
 
 def attach_grammars(parsed, tokenizer, vocab_size: int) -> None:
     """Give each engine request of a parsed chat body its Constraint (raises ValueError for an unusable schema)."""
-    if parsed.tools and parsed.tool_choice not in ("auto", "none"):
+    if parsed.tools and (parsed.tool_choice != "auto" or parsed.response_format is None):
         grammar = llg_lark(tool_call_grammar(parsed.tools, parsed.tool_choice))
     elif parsed.response_format["type"] == "json_object":
         grammar = json_grammar({"type": "object"})
