@@ -67,7 +67,12 @@ def client_loop(port, stop_at, seed, out, grammar):
                     continue
                 if line == "data: [DONE]":
                     break
-                delta = json.loads(line[6:])["choices"][0]["delta"]
+                chunk = json.loads(line[6:])
+                if "error" in chunk or (chunk["choices"] and chunk["choices"][0]["finish_reason"] == "error"):
+                    raise ValueError(f"the stream reported an error: {line[:200]}")
+                if not chunk["choices"]:
+                    continue
+                delta = chunk["choices"][0]["delta"]
                 if delta.get("content") or delta.get("reasoning_content"):
                     ttft = ttft or time.perf_counter() - t0
                     tokens += 1
@@ -110,7 +115,8 @@ def run_mode(model, args, mode: str) -> dict:
         proc.wait(10)
     ok = [r for r in results if r["ok"]]
     ttft = sorted(r["ttft"] for r in ok)
-    return dict(mode=mode, requests=len(ok),
+    reasons = sorted({str(r.get("error") or r.get("status"))[:80] for r in results if not r["ok"]})
+    return dict(mode=mode, failure_kinds=reasons[:5], requests=len(ok),
                 failed=len(results) - len(ok), requests_per_s=len(ok) / elapsed, output_tok_s=tokens / elapsed,
                 ttft_p50=statistics.median(ttft) if ttft else None,
                 ttft_p99=ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None)
