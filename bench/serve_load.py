@@ -1,12 +1,15 @@
-"""Load test of `nemotron3 serve` on loopback: N concurrent streaming clients for a fixed time, with continuous
-batching and, in the same run, without it (a batch runs to completion before waiting requests join) as baseline.
+"""Load test of `nemotron3 serve` on loopback: N concurrent streaming clients for a fixed time against, in the same
+run, (1) this server (FastAPI + uvicorn), (2) the previous server (http.server, a thread per connection, backlog 5:
+the source tree of git revision --old-rev, run from a temporary export), and (3) this server with a structured-output
+mix (every other request carries a json_schema response_format, decoded under its grammar).
 
     python bench/serve_load.py --model runs/demo/final            # ~2 min
-    python bench/serve_load.py --model DIR --clients 16 --seconds 60 --max-batch 8
+    python bench/serve_load.py --model DIR --clients 64 --seconds 60 --max-batch 8
 
 Each client loops: a chat request (streaming, random max_tokens in [16, 96], temperature 0.8) and reads the
 stream to [DONE]. Reported per mode: completed requests/s, output tokens/s, p50/p99 time to first token, failed
-requests. Writes bench/results/serve_load.json and .png.
+requests; the grammar mix's output tokens/s as a ratio of the free-text run's (the cost of structured output).
+Writes bench/results/serve_load.json and .png.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -27,20 +31,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import new_figure, print_table, save, save_figure  # noqa: E402
 
 
-def start_server(model, flags):
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "sure"],
+          "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}, "sure": {"type": "boolean"}}}
+
+
+def start_server(model, flags, src=None):
     cmd = [sys.executable, "-m", "nemotron3", "serve", "--model", model, "--port", "0", *flags]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stderr.readline()
     port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
     threading.Thread(target=proc.stderr.read, daemon=True).start()
     return proc, port
 
 
-def client_loop(port, stop_at, seed, out):
+def client_loop(port, stop_at, seed, out, grammar):
     rng = random.Random(seed)
     while time.time() < stop_at:
         body = {"messages": [{"role": "user", "content": f"{rng.randint(0, 9)}+{rng.randint(0, 9)}=?"}],
                 "max_tokens": rng.randint(16, 96), "temperature": 0.8, "stream": True}
+        if grammar and rng.random() < 0.5:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
         t0, ttft, tokens = time.perf_counter(), None, 0
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -56,7 +67,12 @@ def client_loop(port, stop_at, seed, out):
                     continue
                 if line == "data: [DONE]":
                     break
-                delta = json.loads(line[6:])["choices"][0]["delta"]
+                chunk = json.loads(line[6:])
+                if "error" in chunk or (chunk["choices"] and chunk["choices"][0]["finish_reason"] == "error"):
+                    raise ValueError(f"the stream reported an error: {line[:200]}")
+                if not chunk["choices"]:
+                    continue
+                delta = chunk["choices"][0]["delta"]
                 if delta.get("content") or delta.get("reasoning_content"):
                     ttft = ttft or time.perf_counter() - t0
                     tokens += 1
@@ -67,17 +83,24 @@ def client_loop(port, stop_at, seed, out):
             out.append(dict(ok=False, error=str(e)))
 
 
-def run_mode(model, args, continuous: bool) -> dict:
+def old_source(rev: str) -> str:
+    """The src/ tree of git revision `rev`, exported to a temporary directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tmp = tempfile.mkdtemp(prefix="nemotron3_old_")
+    archive = subprocess.run(["git", "-C", root, "archive", rev, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+    return os.path.join(tmp, "src")
+
+
+def run_mode(model, args, mode: str) -> dict:
     flags = ["--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)]
-    if not continuous:
-        flags.append("--no-continuous-batching")
-    proc, port = start_server(model, flags)
+    proc, port = start_server(model, flags, old_source(args.old_rev) if mode == "old server" else None)
     try:
         results, threads = [], []
         t_start = time.time()
         stop_at = t_start + args.seconds
         for i in range(args.clients):
-            t = threading.Thread(target=client_loop, args=(port, stop_at, i, results))
+            t = threading.Thread(target=client_loop, args=(port, stop_at, i, results, mode == "new + grammar mix"))
             t.start()
             threads.append(t)
         for t in threads:
@@ -92,7 +115,8 @@ def run_mode(model, args, continuous: bool) -> dict:
         proc.wait(10)
     ok = [r for r in results if r["ok"]]
     ttft = sorted(r["ttft"] for r in ok)
-    return dict(mode="continuous batching" if continuous else "static batches (baseline)", requests=len(ok),
+    reasons = sorted({str(r.get("error") or r.get("status"))[:80] for r in results if not r["ok"]})
+    return dict(mode=mode, failure_kinds=reasons[:5], requests=len(ok),
                 failed=len(results) - len(ok), requests_per_s=len(ok) / elapsed, output_tok_s=tokens / elapsed,
                 ttft_p50=statistics.median(ttft) if ttft else None,
                 ttft_p99=ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None)
@@ -101,23 +125,24 @@ def run_mode(model, args, continuous: bool) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint dir (e.g. runs/demo/final after make demo)")
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=45)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--old-rev", default="06af347", help="git revision of the previous server (http.server)")
     args = p.parse_args()
-    rows = [run_mode(args.model, args, True), run_mode(args.model, args, False)]
-    rows[0]["vs_baseline_tok_s"] = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
-    rows[0]["vs_baseline_ttft_p50"] = rows[1]["ttft_p50"] / rows[0]["ttft_p50"]
+    rows = [run_mode(args.model, args, m) for m in ("new server", "old server", "new + grammar mix")]
+    for r in rows:
+        r["tok_s_vs_new"] = r["output_tok_s"] / rows[0]["output_tok_s"]      # grammar mix: structured-output cost
     print_table(rows, ["mode", "requests", "failed", "requests_per_s", "output_tok_s", "ttft_p50", "ttft_p99",
-                       "vs_baseline_tok_s", "vs_baseline_ttft_p50"])
+                       "tok_s_vs_new"])
     out = save("serve_load", dict(config=vars(args), rows=rows))
-    fig, (a, b) = new_figure(2, (10, 4))
-    names = ["continuous", "static"]
-    a.bar(names, [r["output_tok_s"] for r in rows], color=["C0", "C1"])
+    fig, (a, b) = new_figure(2, (12, 4))
+    names = ["new", "old", "grammar"]
+    a.bar(names, [r["output_tok_s"] for r in rows], color=["C0", "C1", "C2"])
     a.set(ylabel="output tokens / s", title=f"{args.clients} streaming clients, {args.max_batch} slots")
     b.bar([f"{n} p50" for n in names] + [f"{n} p99" for n in names],
-          [rows[0]["ttft_p50"], rows[1]["ttft_p50"], rows[0]["ttft_p99"], rows[1]["ttft_p99"]],
-          color=["C0", "C1", "C0", "C1"])
+          [r["ttft_p50"] or 0 for r in rows] + [r["ttft_p99"] or 0 for r in rows],
+          color=["C0", "C1", "C2"] * 2)
     b.set(ylabel="time to first token (s)", title="TTFT")
     save_figure(fig, "serve_load")
     print(f"wrote {out}")

@@ -221,7 +221,7 @@ def chat_main(argv):
 
 def serve_main(argv):
     """`nemotron3 serve`: the OpenAI-compatible server (serve/server.py)."""
-    from .serve import make_server
+    from .serve import ServeConfig, make_server
     from .tokenizer import load_tokenizer
     p = argparse.ArgumentParser(prog="nemotron3 serve", description=serve_main.__doc__)
     p.add_argument("--model", help="checkpoint directory (Hugging Face layout; tokenizer.json used if present)")
@@ -233,36 +233,39 @@ def serve_main(argv):
     p.add_argument("--api-key", default=os.environ.get("NEMOTRON3_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $NEMOTRON3_API_KEY; none = open)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which the answer is 429")
     p.add_argument("--max-len", type=int, default=None, help="context per request (default: the model's)")
     p.add_argument("--num-speculative-tokens", type=int, default=3, help="MTP drafts per step when the model has them")
     p.add_argument("--no-speculative", action="store_true", help="plain decoding even with MTP heads")
     p.add_argument("--no-continuous-batching", action="store_true",
                    help="a batch runs to completion before waiting requests join (the baseline of bench/serve_load.py)")
+    defaults = ServeConfig()
+    limits = ("max_batch", "max_queue", "max_queue_time", "max_n", "max_request_tokens", "max_body_bytes",
+              "header_timeout", "body_timeout", "keep_alive", "backlog", "max_connections", "shutdown_timeout")
+    for name in limits:
+        v = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(v), default=v, help=f"(default {v})")
     args = p.parse_args(argv)
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} must lie in [0, 65535] (0 = any free port).")
-    for name in ("max_batch", "max_queue"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1.")
+    for name in limits:
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be > 0.")
     if args.num_speculative_tokens < 0:
         raise UserError(f"--num-speculative-tokens {args.num_speculative_tokens} must be >= 0.")
     model = _load_model(args)
     tok = load_tokenizer(args.model, model.config.vocab_size)
     K = 0 if args.no_speculative or model.mtp is None else args.num_speculative_tokens
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else args.preset)
+    cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, num_speculative_tokens=K, name=name,
+                      continuous=not args.no_continuous_batching, max_len=args.max_len,
+                      **{k: getattr(args, k) for k in limits})
     try:
-        server = make_server(model, tok, args.host, args.port, args.api_key, args.max_batch, args.max_queue, K, name,
-                             continuous=not args.no_continuous_batching, max_len=args.max_len)
+        server = make_server(model, tok, cfg)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; choose another --port.") from None
     print(f"serving {name} on http://{args.host}:{server.server_port}/v1 (speculative tokens {K}, "
           f"{args.max_batch} slots, auth {'on' if args.api_key else 'off'})", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    server.serve_forever()
     return 0
 
 

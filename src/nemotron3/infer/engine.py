@@ -68,6 +68,11 @@ class Request:
     """Samples of this prompt: prefilled once, forked into n rows (sample i seeds its stream with (seed, i))."""
     return_routed_experts: bool = False
     """Also return the experts every MoE layer routed each input token to (RL's router replay); runs eager."""
+    grammar: object | None = None
+    """Constrained decoding (structured output): an object with fork() -> a fresh copy per sample,
+    mask(ahead: list[int]) -> (V,) bool tensor of the tokens allowed after its committed tokens plus `ahead` (or None
+    for no constraint now), and advance(token) to commit an emitted token. Masked tokens get probability 0 in the
+    target (and draft) distributions, so a draft the grammar rejects is rejected by the accept rule."""
 
 
 @dataclass
@@ -106,6 +111,7 @@ class Event:
     token_id: int | None                  # None for an event that only finishes (abort, error)
     text: str                             # new text made visible by this token (may be empty)
     result: Result | None = None          # set on the sequence's last event
+    logprob: dict | None = None           # this token's logprob entry when the request asked for logprobs (streams)
 
     @property
     def index(self) -> int:               # position of the request in generate()/stream() order
@@ -140,11 +146,14 @@ class _Sequence:
         self.budget = budget
         self.budget_state = BudgetState() if budget is not None else None
         self.routing: list[torch.Tensor] = []     # (positions, MoE layers, K) blocks, when asked for
+        self.grammar = req.grammar.fork() if req.grammar is not None else None
 
     def emit(self, token: int, lp_raw: float, lp_sampled: float, version: int, top=None) -> str:
         """Append a token; returns the text that became visible. Sets finish when a stop condition hits."""
         if self.budget is not None:
             self.budget_state = self.budget.advance(self.budget_state, token)
+        if self.grammar is not None:
+            self.grammar.advance(token)
         if token in self.stops:                   # a stop token is not part of the output, nor its logprob
             self.finish, self.stop_token = "stop", (token, lp_raw, lp_sampled)
         else:
@@ -377,7 +386,7 @@ class Engine:
         # every row greedy, no penalty, no budget: the target is the argmax, no distribution is built (the one-hot
         # rule of speculative.py reduces to "accept while the draft equals the argmax")
         self.plain_greedy = self.params.all_greedy and not self.params.any_penalty and not any(
-            s.budget for s in self.rows)
+            s.budget or s.grammar for s in self.rows)
         self._params_dirty = False
 
     def _place(self, seqs: list[_Sequence], first: torch.Tensor, h_last: torch.Tensor, rng_key: torch.Tensor,
@@ -463,7 +472,8 @@ class Engine:
         logits = out.logits[:, -1:].expand(n, 1, -1)
         rp = RowParams([pf.req.sampling] * n, self.device)
         forced = [s.budget.forced(s.budget_state) if s.budget else None for s in pf.seqs]
-        p = self._target(logits, rp, None if seen is None else seen[:, None], [[f] for f in forced])
+        masks = self._grammar_masks(pf.seqs, [[[]] for _ in pf.seqs])
+        p = self._target(logits, rp, None if seen is None else seen[:, None], [[f] for f in forced], masks)
         first = draw(p[:, 0], uniforms(rng_key, torch.zeros(n, dtype=torch.long, device=self.device), 1)[:, 0])
         if mtp is not None and pf.prev_h.shape[1] > 1:
             tail = pf.prev_h[:, :-1]
@@ -480,9 +490,11 @@ class Engine:
                    logits, p)
 
     # ---- decode -------------------------------------------------------------------------------------------------
-    def _target(self, logits, rp, seen, forced):
+    def _target(self, logits, rp, seen, forced, masks=None):
         """Target distributions (b, L, V) with budget-forced tokens as one-hot rows; forced: per row, per position,
-        a token id or None (or None for the whole row)."""
+        a token id or None (or None for the whole row); masks: (b, L, V) bool of grammar-allowed tokens, or None."""
+        if masks is not None:
+            logits = logits.masked_fill(~masks, float("-inf"))
         p = target_probs_rows(logits, rp, seen)
         if any(f is not None for row in forced if row for f in row):
             L = logits.shape[1]
@@ -506,7 +518,7 @@ class Engine:
             else:
                 seen = None if self.seen is None else self.seen[:, None]
                 forced = [[s.budget.forced(s.budget_state)] if s.budget else None for s in self.rows]
-                p = self._target(out.logits, self.params, seen, forced)
+                p = self._target(out.logits, self.params, seen, forced, self._grammar_masks(self.rows, [[[]]] * b))
                 tok = draw(p[:, 0], uniforms(self.rng_key, self.counter, 1)[:, 0])[:, None]
             self.counter += 1
             self.last = tok[:, 0]
@@ -525,8 +537,11 @@ class Engine:
         start_mtp = mtp.pos.clone()
         saved = {i: (mtp.conv[i].clone(), mtp.ssm[i].clone()) for i in mtp.ssm}
         h, drafts, qs, seens = self.draft_h, [], [], []
+        ahead = [[] for _ in range(b)] if any(s.grammar is not None for s in self.rows) else None
         for j in range(1, K + 1):
             logits_q = model.lm_head(h[:, -1:]).float()                         # (b, 1, V)
+            if ahead is not None:                     # drafts follow the grammar too (after the drafts before them)
+                logits_q = logits_q.masked_fill(~self._grammar_masks(self.rows, [[a] for a in ahead]), float("-inf"))
             seens.append(None if seen is None else seen[:, None])
             if self.plain_greedy:
                 q, d = None, logits_q[:, 0].argmax(-1)
@@ -535,6 +550,9 @@ class Engine:
                 d = draw(q, u[:, j - 1])
             drafts.append(d)
             qs.append(q)
+            if ahead is not None:
+                for a, t in zip(ahead, d.tolist()):
+                    a.append(t)
             if seen is not None:
                 seen = seen.clone()
                 seen[torch.arange(b, device=d.device), d] = True
@@ -556,7 +574,9 @@ class Engine:
             n = (drafts == emitted[:, :K]).long().cumprod(-1).sum(-1)
         else:
             forced = self._forced_ahead(drafts, K)
-            p = self._target(out.logits, self.params, None if seen is None else torch.cat(seens, 1), forced)
+            masks = None if ahead is None else self._grammar_masks(self.rows, [[a[:j] for j in range(K + 1)]
+                                                                               for a in ahead])
+            p = self._target(out.logits, self.params, None if seen is None else torch.cat(seens, 1), forced, masks)
             emitted, n = accept_drafts(p, torch.stack(qs, 1), drafts, u[:, K:2 * K], u[:, 2 * K])
         self._record_routing(out, n)
         # 4. roll back each row to t0, d1..dn
@@ -587,6 +607,20 @@ class Engine:
         for i, seq in enumerate(self.rows):
             if seq.req.return_routed_experts:
                 seq.routing.append(ids[i, :keep[i]])
+
+    def _grammar_masks(self, seqs: list[_Sequence], ahead: list[list[list[int]]]) -> torch.Tensor | None:
+        """(b, L, V) bool: the tokens row i's grammar allows at position j, after its committed tokens plus
+        ahead[i][j] (drafts not yet accepted); None when no row has a grammar (rows without one allow all)."""
+        if all(s.grammar is None for s in seqs):
+            return None
+        L, V = len(ahead[0]), self.model.config.vocab_size
+        m = torch.ones(len(seqs), L, V, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            for j in range(L if s.grammar is not None else 0):
+                allowed = s.grammar.mask(ahead[i][j])
+                if allowed is not None:
+                    m[i, j] = allowed
+        return m.to(self.device)
 
     def _forced_ahead(self, drafts: torch.Tensor, K: int):
         """Per row with a budget, the token forced at each verify position 0..K (position j is reached only if
@@ -644,9 +678,11 @@ class Engine:
             for k in range(a + 1):
                 tok = host[0][j][k]
                 alt = list(zip(alts[1][j][k], alts[0][j][k]))[:seq.req.logprobs] if alts and seq.req.logprobs else None
+                kept = len(seq.tokens)
                 piece = seq.emit(tok, host[2][j][k], host[3][j][k], self.version, alt)
                 self.stats["tokens"] += 1
-                events.append(Event(seq.rid, seq.sample, tok, piece, seq.result() if seq.finish else None))
+                entry = seq.logprobs[-1] if seq.logprobs is not None and len(seq.tokens) > kept else None
+                events.append(Event(seq.rid, seq.sample, tok, piece, seq.result() if seq.finish else None, entry))
                 if seq.finish:
                     finished.append(i)
                     break

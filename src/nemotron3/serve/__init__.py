@@ -1,6 +1,7 @@
-"""OpenAI-compatible serving: protocol (request bodies -> engine requests), server (HTTP routes, streaming,
-metrics, auth; one scheduler thread driving the inference engine). `nemotron3 serve --model DIR`."""
+"""OpenAI-compatible serving: protocol (request bodies -> engine requests), scheduler (the thread that owns the
+engine), guard (HTTP limits, timeouts, auth), app (FastAPI routes, SSE), responses (/v1/responses), tools (tool-call
+format), grammar (structured output), server (putting them together on uvicorn). `nemotron3 serve --model DIR`."""
 
-from .server import make_server
+from .server import ServeConfig, make_server
 
-__all__ = ["make_server"]
+__all__ = ["ServeConfig", "make_server"]
