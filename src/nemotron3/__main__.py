@@ -204,6 +204,8 @@ def chat_main(argv):
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=not args.no_think)
         thinking = prompt.rstrip().endswith("<think>")
         req = _request(tok.encode(prompt), args, args.max_new_tokens, thinking)
+        if getattr(tok, "end_of_turn", None):          # the template's turn end is text: stop there
+            req.stop = [*req.stop, tok.end_of_turn]
         in_thought = thinking
         sys.stdout.write(dim if in_thought else "")
         for ev in engine.stream([req]):

@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import os
 
-from .chat_format import normalize_messages, render_chat
+from .chat_format import END_OF_TURN, normalize_messages, render_chat
 
 
 class ByteTokenizer:
     """ids 0..255 are the UTF-8 bytes; 0 (NUL, absent from text) doubles as the end-of-document token."""
     vocab_size = 256
     eos_token_id = 0
+    end_of_turn = END_OF_TURN
+    """The chat template's end of an assistant turn: text here (no special ids), so generation stops on it as a
+    stop string; tokenizers with a special end-of-turn token stop on its id (eos) and have None."""
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -64,6 +67,7 @@ class HFTokenizer:
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.end_of_turn = None                                     # the checkpoint's eos token ends a turn
         self.chat_template = self.config.get("chat_template")
 
     def encode(self, text: str) -> list[int]:

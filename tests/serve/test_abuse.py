@@ -166,7 +166,7 @@ def test_500_concurrent_connections_then_resources_back_to_baseline(server):
 
 def test_abandoned_non_streaming_requests_are_cancelled(server):
     before = server.metric("nemotron3_requests_cancelled_total")
-    body = json.dumps({"prompt": "The ", "max_tokens": 1000, "n": 4, "temperature": 0}).encode()   # runs to length
+    body = json.dumps({"prompt": "The ", "max_tokens": 1000, "n": 4, "temperature": 0, "ignore_eos": True}).encode()   # runs to length
     for _ in range(4):
         s = _sock(server)
         s.sendall((HEAD + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
@@ -186,7 +186,8 @@ def test_queue_time_limit_answers_503(trained_dir):
     try:
         results = []
         long = threading.Thread(target=lambda: results.append(s.raw("POST", "/v1/completions",
-                                                                     {"prompt": "The ", "max_tokens": 1000, "temperature": 0})))
+                                                                     {"prompt": "The ", "max_tokens": 1000, "temperature": 0,
+                                                                      "ignore_eos": True})))
         long.start()
         while s.metric("nemotron3_running_requests") < 1:     # the long request holds the only slot
             time.sleep(0.05)

@@ -73,7 +73,8 @@ def test_continuous_batching_and_cancellation(server):
 
     def long_request():
         t0 = time.perf_counter()
-        c.completions.create(model="demo", prompt="The ", max_tokens=400, temperature=0)
+        c.completions.create(model="demo", prompt="The ", max_tokens=400, temperature=0,
+                             extra_body={"ignore_eos": True})
         done["long"] = time.perf_counter() - t0
 
     t = threading.Thread(target=long_request)
@@ -88,7 +89,8 @@ def test_continuous_batching_and_cancellation(server):
     # a client that goes away frees its slot
     before = int(re.search(r"cancelled_total (\d+)", server.raw("GET", "/metrics")[1]).group(1))
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": "The ", "max_tokens": 2000, "stream": True}),
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "The ", "max_tokens": 2000, "stream": True,
+                                                                 "ignore_eos": True}),
                  {"Content-Type": "application/json"})
     resp = conn.getresponse()
     resp.fp.readline()
@@ -142,7 +144,8 @@ def test_auth_and_back_pressure(trained_dir):
 
         def fire():
             try:
-                c.completions.create(model="demo", prompt="The ", max_tokens=150, temperature=0)
+                c.completions.create(model="demo", prompt="The ", max_tokens=150, temperature=0,
+                                     extra_body={"ignore_eos": True})
                 statuses.append(200)
             except openai.RateLimitError:
                 statuses.append(429)

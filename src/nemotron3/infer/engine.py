@@ -54,6 +54,8 @@ class Request:
     """Stop strings: generation ends before the first one (it is not part of the text)."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Extra stop tokens besides the tokenizer's eos."""
+    ignore_eos: bool = False
+    """Keep generating past the tokenizer's eos (benchmarks that need a fixed length; vLLM's ignore_eos)."""
     logprobs: int | None = None
     """None: no per-token logprob dicts; 0: the chosen token's; n: also the n most likely tokens at each step."""
     reasoning_budget: int | None = None
@@ -142,7 +144,7 @@ class _Sequence:
         self.finish, self.error, self.text, self.shown = None, None, "", 0
         self.stop_token = None
         self._prefix, self._read = 0, 0          # incremental detokenization offsets (vLLM's scheme)
-        self.stops = {tok.eos_token_id, *req.stop_token_ids} - {None}
+        self.stops = {None if req.ignore_eos else tok.eos_token_id, *req.stop_token_ids} - {None}
         self.budget = budget
         self.budget_state = BudgetState() if budget is not None else None
         self.routing: list[torch.Tensor] = []     # (positions, MoE layers, K) blocks, when asked for

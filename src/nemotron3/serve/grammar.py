@@ -60,7 +60,8 @@ class Constraint:
         if self.matcher.is_error():
             raise ValueError(f"the grammar for this request is invalid: {self.matcher.get_error()}")
         self.active, self.tail = not thinking, ""
-        self.bitmask = llg.torch.allocate_token_bitmask(1, vocab_size)
+        self.leading = 2             # before the grammar's text, up to 2 blank tokens pass through (the "\n\n" that
+        self.bitmask = llg.torch.allocate_token_bitmask(1, vocab_size)   # follows </think>); 0 once text has begun
 
     def fork(self) -> Constraint:
         return Constraint(self.tok, self.grammar, self.V, self.thinking)
@@ -85,6 +86,10 @@ class Constraint:
             m = self.matcher.deep_copy()
         else:
             m = self.matcher
+        leading = self.leading if m is self.matcher else 2
+        while leading and ahead and self._blank(ahead[0]):
+            ahead, leading = ahead[1:], leading - 1
+        leading = leading if not ahead else 0
         n = m.try_consume_tokens(ahead) if ahead else 0
         # a position after a draft the grammar rejects, or after the end of text, is never reached: it stays
         # unconstrained (an empty mask would make its probabilities NaN and fail the whole row)
@@ -97,13 +102,30 @@ class Constraint:
             return None
         bits = self.bitmask[0]
         allowed = ((bits[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().reshape(-1)[:self.V]
+        if leading:
+            allowed = allowed | self._blanks()
         return allowed
+
+    def _blank(self, token: int) -> bool:
+        return token != EOS and token < self.V and self.tok.decode([token]) in ("\n", " ", "\n\n")
+
+    def _blanks(self) -> torch.Tensor:
+        if not hasattr(self, "_blank_mask"):
+            self._blank_mask = torch.tensor([self._blank(t) for t in range(self.V)])
+        return self._blank_mask
 
     def advance(self, token: int) -> None:
         if not self.active:
             self.active = self._opens(token)
             return
+        if self.leading and self._blank(token):
+            self.leading -= 1
+            return
+        self.leading = 0
         self.matcher.consume_token(token)
+
+
+MAX_RAW_VALUE = 96
 
 
 def json_grammar(schema: dict) -> str:
@@ -112,16 +134,19 @@ def json_grammar(schema: dict) -> str:
 
 
 def _value_rule(schema: dict, strict: bool) -> str:
-    """One parameter value: raw text, or with `strict` and a non-string type, JSON of its schema."""
+    """One parameter value: raw text on one line of at most MAX_RAW_VALUE characters (so a model that never ends
+    the line cannot hold the call open until max_tokens), or with `strict` and a non-string type, JSON of its
+    schema."""
     kind = schema.get("type") if strict else None
     if kind is None or kind == "string":
-        return r"/[^<\n]+/"
+        return f"/[^<\\n]{{1,{MAX_RAW_VALUE}}}/"
     return f"%json {json.dumps(schema)}"
 
 
-def tool_call_grammar(tools: list[dict], choice) -> str:
+def tool_call_grammar(tools: list[dict], choice, end_of_turn: str | None = None) -> str:
     """Lark: one or more calls in the XML format, restricted to the named function when tool_choice names one;
-    for tool_choice=auto (strict tools), text without '<' optionally followed by calls."""
+    for tool_choice=auto (strict tools), text without '<' optionally followed by calls. end_of_turn: the template's
+    end-of-turn text (a byte-level model writes it; the engine stops on it) allowed after the calls."""
     allowed = [t for t in tools if choice in ("required", "auto") or t["name"] == choice["name"]]
     rules, alts = [], []
     for k, t in enumerate(allowed):
@@ -137,19 +162,24 @@ def tool_call_grammar(tools: list[dict], choice) -> str:
     rules.append(f"call: \"<tool_call>\\n\" ({' | '.join(alts)}) \"</tool_call>\"")
     calls = "call (\"\\n\" call)*"
     start = f"/[^<]*/ | /[^<]*/ {calls}" if choice == "auto" else calls
+    if end_of_turn:
+        start = f"({start}) \"\\n\"? {json.dumps(end_of_turn)}?"
     return f"start: {start}\n" + "\n".join(rules)
 
 
 def attach_grammars(parsed, tokenizer, vocab_size: int) -> None:
     """Give each engine request of a parsed chat body its Constraint (raises ValueError for an unusable schema)."""
     if parsed.tools and (parsed.tool_choice != "auto" or parsed.response_format is None):
-        grammar = llg_lark(tool_call_grammar(parsed.tools, parsed.tool_choice))
+        grammar = llg_lark(tool_call_grammar(parsed.tools, parsed.tool_choice, getattr(tokenizer, "end_of_turn", None)))
     elif parsed.response_format["type"] == "json_object":
         grammar = json_grammar({"type": "object"})
     else:
         grammar = json_grammar(parsed.response_format["schema"])
+    end_of_turn = getattr(tokenizer, "end_of_turn", None)
     for r in parsed.requests:
         r.grammar = Constraint(tokenizer, grammar, vocab_size, r.thinking)
+        if not parsed.tools:         # a JSON grammar ends the output itself (then eos): a turn-end stop string would
+            r.stop = [s for s in r.stop if s != end_of_turn]    # only cut a thought that writes it before </think>
 
 
 def llg_lark(lark: str) -> str:

@@ -4,7 +4,7 @@ Chat fields: messages (system/developer/user/assistant with tool_calls/tool, str
 max_tokens | max_completion_tokens, temperature, top_p, n, stop, seed, logprobs + top_logprobs, stream +
 stream_options {include_usage}, tools + tool_choice (none / auto / required / {"type": "function", ...}),
 response_format (text / json_object / json_schema), chat_template_kwargs {enable_thinking}, max_thinking_tokens |
-reasoning_budget; vLLM's extras top_k, min_p, repetition_penalty. Completions: prompt as a string, a list of
+reasoning_budget; vLLM's extras top_k, min_p, repetition_penalty, ignore_eos. Completions: prompt as a string, a list of
 strings, token ids or a list of token-id lists (one engine request each), echo, logprobs as a count, max_tokens=0
 with echo (scoring only). Unknown fields are ignored, as OpenAI-compatible servers do.
 
@@ -103,8 +103,11 @@ def _common(body, prompts, thinking, context, logprobs, limits: Limits, allow_ze
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise RequestError("'stream_options' must be an object.", "stream_options")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise RequestError("'ignore_eos' must be true or false.", "ignore_eos")
     reqs = [Request(list(p), max(max_tokens, 1), sampling, stop=stop, logprobs=logprobs, thinking=thinking,
-                    reasoning_budget=budget if thinking else None, n=n) for p in prompts]
+                    reasoning_budget=budget if thinking else None, n=n, ignore_eos=ignore_eos) for p in prompts]
     return Parsed(reqs, [list(p) for p in prompts], stream, bool(opts.get("include_usage")), logprobs,
                   generate=max_tokens > 0)
 
@@ -165,6 +168,9 @@ def parse_chat(body, tokenizer, context: int, limits: Limits = Limits()) -> Pars
         raise RequestError("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
     ids = tokenizer.encode(prompt)
     out = _common(body, [ids], prompt.rstrip().endswith("<think>"), context, top if logprobs else None, limits)
+    if getattr(tokenizer, "end_of_turn", None):         # the template's turn end is text: stop there
+        for r in out.requests:
+            r.stop = [*r.stop, tokenizer.end_of_turn]
     out.tools, out.tool_choice = rendered, choice
     out.response_format = parse_response_format(body.get("response_format"))
     return out

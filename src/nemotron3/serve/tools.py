@@ -1,4 +1,5 @@
-"""Tool calls in Nemotron 3's format (vLLM's qwen3_coder shape): the model writes
+"""Tool calls over the OpenAI API, in Nemotron 3's format (chat_format.py owns the format: the template that lists
+the tools in <tools>...</tools> and renders history calls and <tool_response> results, and the one parser of
 
     <tool_call>
     <function=NAME>
@@ -8,27 +9,21 @@
     </function>
     </tool_call>
 
-and the tools it may call are listed in the system prompt inside <tools>...</tools>; tool results come back as user
-turns wrapped in <tool_response>...</tool_response>. This file owns the request side (validating `tools` /
-`tool_choice` / history `tool_calls`, folding them into messages the byte tokenizer's template renders; an HF
-tokenizer's Jinja template receives them as they are), and the response side (`parse_tool_calls` for a finished
-text, `ToolCallStream` for deltas). It is kept minimal and isolated so that the one parser of the chat-format module
-can replace `parse_tool_calls` with the same contract: text -> (content without calls, [{name, arguments: dict}]).
-A parameter value is JSON when the tool's schema gives it a non-string type (or, without a schema, when it parses
-as JSON), else the raw text.
+). This file owns the API side: validating `tools` / `tool_choice` / history `tool_calls`, the prompt through the
+tokenizer's chat template, OpenAI `tool_calls` from a finished text, and `ToolCallStream` for streamed deltas (as
+vLLM's qwen3_coder parser streams them). Markup the parser rejects (a call cut off by max_tokens, text after the
+calls) is returned as plain content, never an error for the client.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 
-from ..tokenizer import ByteTokenizer
+from ..chat_format import ToolCallError
+from ..chat_format import parse_tool_calls as parse_calls
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_FUNCTION = re.compile(r"<function=([^>\n]+)>\n?(.*?)</function>", re.S)
-_PARAM = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
 
 
 class ToolError(ValueError):
@@ -83,90 +78,31 @@ def parse_history_calls(calls, i: int) -> list[dict]:
     return out
 
 
-def render_call(call: dict) -> str:
-    """One call in the model's XML format (strings raw, other values as JSON)."""
-    params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
-                     for k, v in call["arguments"].items())
-    return f"{CALL_OPEN}\n<function={call['name']}>\n{params}</function>\n{CALL_CLOSE}"
-
-
-def render_tools(tools: list[dict]) -> str:
-    lines = "\n".join(json.dumps({"type": "function", "function": {k: t[k] for k in ("name", "description",
-                                                                                      "parameters")}})
-                      for t in tools)
-    return (f"# Tools\n\nYou may call one or more functions. They are listed inside <tools></tools>:\n<tools>\n{lines}\n"
-            f"</tools>\n\nTo call a function, reply with:\n{CALL_OPEN}\n<function=NAME>\n<parameter=ARG>\nvalue\n"
-            f"</parameter>\n</function>\n{CALL_CLOSE}")
-
-
 def render_prompt(tokenizer, messages: list[dict], tools: list[dict], enable_thinking: bool) -> str:
-    """The prompt text. The byte template knows only system/user/assistant text, so tools, history calls and tool
-    results are folded into those roles in Nemotron 3's format; other templates get tools= and the messages."""
-    if not isinstance(tokenizer, ByteTokenizer):
-        msgs = [dict(m, tool_calls=[{"id": c["id"], "type": "function",
-                                     "function": {"name": c["name"], "arguments": c["arguments"]}}
-                                    for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in messages]
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=enable_thinking,
-                                             tools=[{"type": "function", "function": t} for t in tools] or None)
-    folded = []
-    if tools:
-        block = render_tools(tools)
-        if messages[0]["role"] == "system":
-            messages = [{"role": "system", "content": messages[0]["content"] + "\n\n" + block}] + messages[1:]
-        else:
-            messages = [{"role": "system", "content": block}] + messages
-    for m in messages:
-        if m["role"] == "tool":
-            resp = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if folded and folded[-1].get("tool_turn"):          # consecutive results share one user turn
-                folded[-1]["content"] += "\n" + resp
-            else:
-                folded.append({"role": "user", "content": resp, "tool_turn": True})
-        elif m.get("tool_calls"):
-            calls = "\n".join(render_call(c) for c in m["tool_calls"])
-            folded.append({"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + calls})
-        else:
-            folded.append({"role": m["role"], "content": m["content"]})
-    return tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in folded],
-                                         add_generation_prompt=True, enable_thinking=enable_thinking)
+    """The prompt text through the tokenizer's chat template (the byte tokenizer's is Nemotron 3's format; an HF
+    checkpoint's Jinja template gets the same OpenAI-shaped messages and tools)."""
+    msgs = [dict(m, tool_calls=[{"id": c["id"], "type": "function",
+                                 "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in messages]
+    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=enable_thinking,
+                                         tools=_functions(tools))
+
+
+def _functions(tools: list[dict] | None) -> list[dict] | None:
+    """OpenAI tool entries as the template and the parser take them (our `strict` flag is the server's own)."""
+    return [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")}}
+            for t in tools or []] or None
 
 
 # ---- response side --------------------------------------------------------------------------------------------------
-def _value(raw: str, schema: dict | None):
-    kind = (schema or {}).get("type")
-    if kind == "string":
-        return raw
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def _parse_function(block: str, tools: list[dict] | None) -> dict | None:
-    m = _FUNCTION.search(block)
-    if m is None:
-        return None
-    name = m.group(1).strip()
-    props = next((t["parameters"].get("properties", {}) for t in tools or [] if t["name"] == name), {})
-    return {"name": name, "arguments": {p.strip(): _value(v, props.get(p.strip())) for p, v in
-                                        _PARAM.findall(m.group(2))}}
-
-
 def parse_tool_calls(text: str, tools: list[dict] | None = None) -> tuple[str, list[dict]]:
-    """(content without the calls, stripped; [{name, arguments: dict}]). A block whose function never closed (the
-    output was cut) stays in the content."""
-    content, calls, pos = [], [], 0
-    while (start := text.find(CALL_OPEN, pos)) >= 0:
-        end = text.find(CALL_CLOSE, start)
-        call = _parse_function(text[start:end if end >= 0 else len(text)], tools)
-        if call is None and end < 0:
-            break
-        stop = end + len(CALL_CLOSE) if end >= 0 else len(text)
-        content.append(text[pos:start] if call is not None else text[pos:stop])     # an unparsable block is text
-        calls += [call] if call is not None else []
-        pos = stop
-    content.append(text[pos:])
-    return "".join(content).strip(), calls
+    """(content without the calls, stripped; [{name, arguments: dict}]) by chat_format's parser; text it rejects
+    stays content."""
+    try:
+        content, calls = parse_calls(text, _functions(tools))
+    except ToolCallError:
+        return text.strip(), []
+    return content, [{"name": c.name, "arguments": c.arguments} for c in calls]
 
 
 def openai_calls(calls: list[dict]) -> list[dict]:
@@ -213,9 +149,10 @@ class ToolCallStream:
         return self._out(rest), []
 
     def _call(self, block: str) -> list[dict]:
-        call = _parse_function(block, self.tools)
-        if call is None:
+        _, calls = parse_tool_calls(block + ("" if block.endswith(CALL_CLOSE) else CALL_CLOSE), self.tools)
+        if len(calls) != 1:
             return []
+        call = calls[0]
         i, self.index = self.index, self.index + 1
         full = openai_calls([call])[0]
         return [{"index": i, "id": full["id"], "type": "function", "function": {"name": call["name"], "arguments": ""}},
