@@ -12,6 +12,7 @@ or wrongly shaped tensors fails with the list of offending names; a truncated or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -174,15 +175,37 @@ def from_disk_names(tensors: dict[str, torch.Tensor], num_experts: int) -> dict[
     return out
 
 
+SMALL_MODEL_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """No random initialisation while a model is built to be loaded (transformers' no_init_weights does the same):
+    the checkpoint overwrites every weight."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_", "constant_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def load_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=None):
-    """Build the model on the meta device, then assign the checkpoint's tensors (no double allocation)."""
+    """Build the model without initialising it, then assign the checkpoint's tensors (no double allocation)."""
     ckpt_dir = os.fspath(path_or_dir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} is not a directory. Pass a directory holding config.json and "
                                 f"*.safetensors (weights cannot be downloaded here: copy them locally first).")
     config = NemotronConfig.from_json_file(ckpt_dir)
     tensors = from_disk_names(_read_tensors(_shard_files(ckpt_dir)), config.n_routed_experts)
-    with torch.device("meta"):
+    # Small models are built on the CPU with initialisation skipped (uninitialised memory that the checkpoint then
+    # replaces): the meta device's first use imports torch's decompositions, seconds of a CLI's start-up. Large ones
+    # are built on the meta device, so their weights are never allocated twice.
+    small = sum(t.numel() * t.element_size() for t in tensors.values()) < SMALL_MODEL_BYTES
+    with torch.device("cpu" if small else "meta"), _skip_init():
         model = cls(config)
     expected = model.state_dict()
     if config.tie_word_embeddings and "backbone.embeddings.weight" in tensors:   # the head is the embedding

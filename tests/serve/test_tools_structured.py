@@ -6,6 +6,7 @@ engine without a grammar or without speculation (a constrained greedy run is the
 import json
 
 import pytest
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from nemotron3 import NemotronForCausalLM
@@ -168,3 +169,35 @@ def test_strict_tool_under_auto_gives_plain_text_or_typed_calls(server):
             assert "<" not in r.message.content
         for call in r.message.tool_calls or []:
             assert isinstance(json.loads(call.function.arguments)["days"], int)
+
+
+def test_json_schema_with_a_hugging_face_tokenizer(tmp_path):
+    """Structured output over a byte-level BPE tokenizer.json (llguidance takes it whole): the output parses and
+    validates (oracle: json + jsonschema), speculative or not."""
+    import jsonschema
+    import tokenizers
+
+    from nemotron3 import from_preset
+    from nemotron3.tokenizer import HFTokenizer
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(['{"age": 31, "name": "Ada"}', "Describe a person.", "hello world"] * 20,
+                            tokenizers.trainers.BpeTrainer(vocab_size=320, special_tokens=["<|end|>"],
+                                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel
+                                                           .alphabet()))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>"}))
+    tok = HFTokenizer(str(tmp_path / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = NemotronForCausalLM(from_preset("tiny", vocab_size=tok.vocab_size)).eval()
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "age"], "additionalProperties": False}
+    outs = []
+    for K in (0, 2):
+        req = Request(tok.encode("Describe a person."), 80, SamplingParams(0.0),
+                      grammar=Constraint(tok, json_grammar(schema), model.config.vocab_size, thinking=False))
+        outs.append(Engine(model, tok, K).generate([req])[0])
+        jsonschema.validate(json.loads(outs[-1].text), schema)
+    assert outs[0].token_ids == outs[1].token_ids

@@ -35,28 +35,36 @@ _TOKENIZERS: dict = {}
 EOS = 0                                                      # the byte tokenizer's end of text
 
 
-def _ll_tokenizer(tokenizer):
-    """The llguidance view of the byte tokenizer: token i is byte i, token 0 (NUL) the end of text."""
-    if not isinstance(tokenizer, ByteTokenizer):
-        raise ValueError("response_format / forced tool calls are supported with the byte tokenizer only in this "
-                         "build; drop response_format or use tool_choice=auto.")
+def _ll_tokenizer(tokenizer, vocab_size: int):
+    """The llguidance view of a tokenizer: for bytes, token i is byte i and token 0 (NUL) the end of text; a
+    Hugging Face tokenizer.json is handed over whole (its byte-level vocabulary and special tokens)."""
     llg = _llg()
-    if "bytes" not in _TOKENIZERS:
+    key = "bytes" if isinstance(tokenizer, ByteTokenizer) else id(tokenizer)
+    if key in _TOKENIZERS:
+        return _TOKENIZERS[key]
+    if isinstance(tokenizer, ByteTokenizer):
         class Bytes:
             eos_token_id, bos_token_id, special_token_ids = EOS, None, [EOS]
             tokens = [b"\xff[EOS]"] + [bytes([i]) for i in range(1, 256)]     # 0xFF marks a special token
 
             def __call__(self, s):
                 return list(s)
-        _TOKENIZERS["bytes"] = llg.LLTokenizer(llg.TokenizerWrapper(Bytes()))
-    return _TOKENIZERS["bytes"]
+        _TOKENIZERS[key] = llg.LLTokenizer(llg.TokenizerWrapper(Bytes()))
+    elif hasattr(tokenizer, "tok") and hasattr(tokenizer.tok, "to_str") and tokenizer.eos_token_id is not None:
+        _TOKENIZERS[key] = llg.LLTokenizer(tokenizer.tok.to_str(), n_vocab=vocab_size,
+                                           eos_token=tokenizer.eos_token_id)
+    else:
+        raise ValueError("structured output needs the byte tokenizer or a tokenizer.json with an eos_token in its "
+                         "tokenizer_config.json; drop response_format or use tool_choice=auto.")
+    return _TOKENIZERS[key]
 
 
 class Constraint:
     def __init__(self, tokenizer, grammar: str, vocab_size: int, thinking: bool):
         llg = _llg()
         self.tok, self.grammar, self.V, self.thinking = tokenizer, grammar, vocab_size, thinking
-        self.matcher = llg.LLMatcher(_ll_tokenizer(tokenizer), grammar, log_level=0)
+        self.matcher = llg.LLMatcher(_ll_tokenizer(tokenizer, vocab_size), grammar, log_level=0)
+        self.eos = tokenizer.eos_token_id
         if self.matcher.is_error():
             raise ValueError(f"the grammar for this request is invalid: {self.matcher.get_error()}")
         self.active, self.tail = not thinking, ""
@@ -93,7 +101,7 @@ class Constraint:
         n = m.try_consume_tokens(ahead) if ahead else 0
         # a position after a draft the grammar rejects, or after the end of text, is never reached: it stays
         # unconstrained (an empty mask would make its probabilities NaN and fail the whole row)
-        reachable = n == len(ahead) and EOS not in ahead
+        reachable = n == len(ahead) and self.eos not in ahead
         if reachable:
             llg.torch.fill_next_token_bitmask(m, self.bitmask, 0)
         if m is self.matcher and n:
@@ -107,7 +115,7 @@ class Constraint:
         return allowed
 
     def _blank(self, token: int) -> bool:
-        return token != EOS and token < self.V and self.tok.decode([token]) in ("\n", " ", "\n\n")
+        return token != self.eos and token < self.V and self.tok.decode([token]) in ("\n", " ", "\n\n")
 
     def _blanks(self) -> torch.Tensor:
         if not hasattr(self, "_blank_mask"):
