@@ -6,10 +6,12 @@ run-time dependencies). See bench/grammar_libs.py.
 
 `Constraint` is the engine's Request.grammar: fork() per sample, mask(ahead) -> (V,) bool of allowed tokens,
 advance(token). With reasoning on, the grammar starts after "</think>": until the output closes its thought every
-token is allowed. Tool calls: a Lark grammar of Nemotron 3's XML format over the allowed functions; with `strict`
-each parameter's value follows its JSON-schema type (strings are raw text, other values JSON); under
-tool_choice=auto with a strict tool, the grammar is free text without '<' optionally followed by calls. Leaves out:
-HF tokenizers (only the byte tokenizer's vocabulary is mapped here).
+token is allowed, then up to two blank tokens (the "\n\n" after it) pass before the grammar's text. Tool calls: a
+Lark grammar of Nemotron 3's XML format over the allowed functions; with `strict` each parameter's value follows its
+JSON-schema type (strings are raw text of at most MAX_RAW_VALUE characters, other values JSON); under
+tool_choice=auto with a strict tool, the grammar is free text without '<' optionally followed by calls; a byte-level
+template's end-of-turn text may follow the calls. Vocabularies: the byte tokenizer's, or a Hugging Face
+tokenizer.json handed to llguidance whole.
 """
 
 from __future__ import annotations
