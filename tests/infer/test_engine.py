@@ -172,9 +172,9 @@ def test_engine_with_the_compiled_decode_step(trained):
 
 
 def test_incremental_detokenization_keeps_multibyte_text():
-    from nemotron3.infer.engine import _Sequence
+    from nemotron3.infer.request import SequenceState
     text = "héllo wörld → ok 日本 \n<think>x</think>"
-    row = _Sequence(0, 0, Request([1], 200), TOK, None)
+    row = SequenceState(0, 0, Request([1], 200), TOK, None)
     pieces = [row.emit(t, 0.0, 0.0, 0) for t in TOK.encode(text)]
     assert row.text == text and "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)            # a half-made character is never shown

@@ -8,7 +8,7 @@ holds back whitespace until it knows it is not trailing, so the streamed pieces 
 
 from __future__ import annotations
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from ..chat_format import THINK_CLOSE, THINK_OPEN
 
 
 def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
