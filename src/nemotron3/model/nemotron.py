@@ -336,6 +336,9 @@ class NemotronForCausalLM(nn.Module):
         if not enable:
             self._compiled_decode = self._compiled_mtp = None
         elif self._compiled_decode is None:
+            # one graph per (model, batch size, tokens per step, cache length, MTP depth): far more than dynamo's
+            # default of 8 per function, past which it silently runs the step eagerly (slower than no compile)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             self._compiled_decode = torch.compile(self.decode_step, dynamic=False)
             self._compiled_mtp = torch.compile(self.mtp_decode_step, dynamic=False) if self.mtp is not None else None
         return self
