@@ -111,7 +111,8 @@ def _generate_args(prog):
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
-                   help="MTP drafts per step (default: 3 when the model has MTP heads, else 0; 0 = plain decoding)")
+                   help="MTP drafts per step (default: the engine's measured choice, 2 at batch 1, when the model has "
+                        "MTP heads; 0 = plain decoding)")
     p.add_argument("--reasoning-budget", type=int, default=None,
                    help="thinking tokens allowed before the thought is closed (chat / a prompt that opens <think>)")
     return p
@@ -148,11 +149,12 @@ def generate_main(argv):
 
 def _engine(model, tok, args):
     from .infer import Engine
+    from .infer.engine import SPECULATION_BY_BATCH
     K = args.num_speculative_tokens
-    if K is None:
-        K = 3 if model.mtp is not None else 0
-    if K < 0:
+    if K is not None and K < 0:
         raise UserError(f"--num-speculative-tokens {K} must be >= 0.")
+    if K is None:                                  # the measured K for a single stream (generate / chat: batch 1)
+        K = SPECULATION_BY_BATCH if model.mtp is not None else 0
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
     if args.reasoning_budget is not None and args.reasoning_budget < 0:
@@ -236,7 +238,9 @@ def serve_main(argv):
                    help="require 'Authorization: Bearer KEY' (default: $NEMOTRON3_API_KEY; none = open)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory)")
     p.add_argument("--max-len", type=int, default=None, help="context per request (default: the model's)")
-    p.add_argument("--num-speculative-tokens", type=int, default=3, help="MTP drafts per step when the model has them")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="MTP drafts per step when the model has them (default: by live batch size, measured: "
+                        "2 up to 2 rows, 1 up to 4, none beyond)")
     p.add_argument("--no-speculative", action="store_true", help="plain decoding even with MTP heads")
     p.add_argument("--no-continuous-batching", action="store_true",
                    help="a batch runs to completion before waiting requests join (the baseline of bench/serve_load.py)")
@@ -252,11 +256,13 @@ def serve_main(argv):
     for name in limits:
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be > 0.")
-    if args.num_speculative_tokens < 0:
+    if args.num_speculative_tokens is not None and args.num_speculative_tokens < 0:
         raise UserError(f"--num-speculative-tokens {args.num_speculative_tokens} must be >= 0.")
     model = _load_model(args)
     tok = load_tokenizer(args.model, model.config.vocab_size)
-    K = 0 if args.no_speculative or model.mtp is None else args.num_speculative_tokens
+    from .infer.engine import SPECULATION_BY_BATCH
+    K = 0 if args.no_speculative or model.mtp is None else (
+        SPECULATION_BY_BATCH if args.num_speculative_tokens is None else args.num_speculative_tokens)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else args.preset)
     cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, num_speculative_tokens=K, name=name,
                       continuous=not args.no_continuous_batching, max_len=args.max_len,

@@ -41,7 +41,7 @@ from .speculative import accept_drafts
 
 # Draft tokens per round by live batch size, the default of the CLI and the server: measured in
 # bench/decode_speed.py (2 CPU threads, demo and small models); speculation stops paying as the batch grows.
-SPECULATION_BY_BATCH = {1: 3, 2: 2, 4: 1, 1024: 0}
+SPECULATION_BY_BATCH = {2: 2, 4: 1, 1024: 0}
 
 
 class _Prefill:
