@@ -139,11 +139,12 @@ def _plot(rows, path):
     for ax, model in zip(axes if len(models) > 1 else [axes], models):
         mine = [r for r in rows if r["model"] == model]
         batches = sorted({r["batch"] for r in mine})
-        methods = list(dict.fromkeys(r["method"] for r in mine))
+        group = lambda r: r["method"].split(" (K=")[0]            # noqa: E731  "auto" is one bar whatever its K
+        methods = list(dict.fromkeys(group(r) for r in mine))
         w = 0.8 / len(methods)
         for j, m in enumerate(methods):
-            vals = [next((r["tok_s"] for r in mine if r["batch"] == b and r["method"] == m), 0) for b in batches]
-            ax.bar([i + j * w for i in range(len(batches))], vals, w, label=m.split(" (K=")[0] if "auto" in m else m)
+            vals = [next((r["tok_s"] for r in mine if r["batch"] == b and group(r) == m), 0) for b in batches]
+            ax.bar([i + j * w for i in range(len(batches))], vals, w, label=m)
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
         ax.set(ylabel="generated tokens / s", title=f"decode speed, {model}, 2 threads, same run")
         ax.legend(fontsize=7)
