@@ -116,6 +116,18 @@ class Run:
                 self.jobs[tag].remaining -= 1
         return [[done[t, s] for s in range(j.request.n)] for t, j in enumerate(self.jobs)]
 
+    async def finished(self) -> list[list] | None:
+        """The results once the run is done (an HTTPError if generation failed), or None when the client went away
+        (the route answers 499)."""
+        try:
+            self.watch_disconnect()
+            results = await self.results()
+        finally:
+            await self.close()
+        if results is not None:
+            _failed(results)
+        return results
+
     async def scores(self, seqs: list[list[int]], top: int):
         model = self.state.engine.model
         return await self.state.scheduler.call(lambda: [score_prompt(model, p, top) for p in seqs])
@@ -288,14 +300,9 @@ def build_app(state) -> FastAPI:
         await run.submit()
         if parsed.stream:
             return StreamingResponse(_guarded(run, _stream_chat(state, run)), media_type="text/event-stream")
-        try:
-            run.watch_disconnect()
-            results = await run.results()
-        finally:
-            await run.close()
+        results = await run.finished()
         if results is None:
             return Response(status_code=499)
-        _failed(results)
         choices = []
         for res in results[0]:
             msg, finish = chat_message(res, parsed)

@@ -105,7 +105,7 @@ def _response(state, rid, body, output, status, usage) -> dict:
 
 
 def add_routes(app, state):
-    from .app import Run, _failed, chat_message, read_json, validated
+    from .app import Run, chat_message, read_json, validated
     from .protocol import parse_chat
 
     @app.post("/v1/responses")
@@ -119,14 +119,9 @@ def add_routes(app, state):
         if parsed.stream:
             from .app import _guarded
             return StreamingResponse(_guarded(run, _stream(state, run, rid, body)), media_type="text/event-stream")
-        try:
-            run.watch_disconnect()
-            results = await run.results()
-        finally:
-            await run.close()
+        results = await run.finished()
         if results is None:
             return Response(status_code=499)
-        _failed(results)
         res = results[0][0]
         msg, finish = chat_message(res, parsed)
         status = "incomplete" if finish == "length" else "completed"
