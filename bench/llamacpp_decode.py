@@ -111,9 +111,9 @@ def main():
         ours.compile_decode()
         plain = ours.generate(prompt, max_new_tokens=n)
         t_comp = best_time(lambda: ours.generate(prompt, max_new_tokens=n), args.repeats)
-        K = SPECULATION_BY_BATCH[1]
         from nemotron3.infer import Engine, Request
-        engine = Engine(ours, None, K, max_batch=1)
+        engine = Engine(ours, None, SPECULATION_BY_BATCH, max_batch=1)          # the default rule at batch 1
+        K = engine.K_for(1)
         spec = lambda: engine.generate([Request(prompt[0].tolist(), n)])       # noqa: E731
         same = spec()[0].token_ids == plain[0, prompt.shape[1]:].tolist()
         engine.reset_stats()
