@@ -83,10 +83,6 @@ class Event:
     result: Result | None = None          # set on the sequence's last event
     logprob: dict | None = None           # this token's logprob entry when the request asked for logprobs (streams)
 
-    @property
-    def index(self) -> int:               # position of the request in generate()/stream() order
-        return self.request_id
-
 
 class IdsOnly:
     """Stand-in tokenizer when the caller works in ids (model.generate): no text, stops by id only."""

@@ -76,7 +76,6 @@ class Run:
         self.events: asyncio.Queue = asyncio.Queue()
         self.jobs = [Job(r, self.events, tag=i) for i, r in enumerate(parsed.requests)] if parsed.generate else []
         self.watch = None
-        self.last_token: dict[tuple[int, int], int] = {}        # a stop token is not in Result.token_ids
 
     async def submit(self):
         if self.jobs and not self.state.scheduler.submit(self.jobs):
@@ -109,8 +108,6 @@ class Run:
                 return None
             if kind == "error":
                 raise HTTPError(val[0], val[1], ERROR_TYPES.get(val[0], "server_error"))
-            if kind == "token":
-                self.last_token[tag, val.sample] = val.token_id
             if kind == "done":
                 done[tag, val.sample] = val
                 self.jobs[tag].remaining -= 1
@@ -138,12 +135,8 @@ class Run:
         if not self.parsed.generate:
             return [list(p) for p in self.parsed.prompts]
         eos = self.state.tokenizer.eos_token_id
-        out = []
-        for i, (p, rs) in enumerate(zip(self.parsed.prompts, results)):
-            for r in rs:
-                stop = self.last_token.get((i, r.sample))
-                out.append(list(p) + r.token_ids + ([stop] if stop is not None and stop == eos else []))
-        return out
+        return [list(p) + r.token_ids + ([eos] if r.stop_token is not None and r.stop_token[0] == eos else [])
+                for p, rs in zip(self.parsed.prompts, results) for r in rs]
 
 
 def _failed(results) -> None:
