@@ -35,10 +35,11 @@ class CheckpointError(ValueError):
     """A checkpoint on disk does not match the model it should fill; the message says what and how to fix it."""
 
 
-def to_disk_state_dict(model) -> dict[str, torch.Tensor]:
-    """Our state dict with fused experts split into HF's per-expert tensors (views, no copy)."""
+def to_disk_state_dict(model, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """Our state dict (the model's own, or `state_dict` with its names, e.g. gathered from shards) with fused
+    experts split into HF's per-expert tensors (views, no copy)."""
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         if m := _FUSED.match(name):
             for e in range(t.shape[0]):
                 out[f"{m[1]}.{e}.{m[2]}.weight"] = t[e]
@@ -58,11 +59,12 @@ def parse_size(size) -> int:
     return int(float(m[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m[2]])
 
 
-def save_pretrained(model, save_dir, max_shard_size="5GB") -> None:
+def save_pretrained(model, save_dir, max_shard_size="5GB", state_dict: dict | None = None) -> None:
+    """model's weights (or `state_dict`, the whole model's, when the model itself holds only shards) and config."""
     from safetensors.torch import save_file
 
     save_dir = os.path.abspath(os.fspath(save_dir))
-    tensors = to_disk_state_dict(model)
+    tensors = to_disk_state_dict(model, state_dict)
     limit = parse_size(max_shard_size)
     shards, current, size = [], {}, 0
     for name, t in tensors.items():

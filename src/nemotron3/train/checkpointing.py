@@ -6,6 +6,13 @@
 A checkpoint directory is complete or absent: everything is written into a temporary sibling and renamed.
 Resume loads the newest complete step_N; with the same data, seed and thread count the rest of the run is bit for
 bit the run that was interrupted (tested with a real SIGKILL).
+
+A sharded run (FSDP2 / expert parallel under torchrun) writes torch.distributed.checkpoint (DCP) shards instead,
+every rank its own pieces, into the same kind of temporary directory that rank 0 renames once all have finished:
+    RUN_DIR/checkpoints/step_N/   .metadata + __R_0.distcp   {"model": ..., "optimizer": ...} by parameter name
+                                  config.json, trainer_state.json (step, sampler position, RNG states, config)
+DCP stores global tensors by name and offset, so a run resumes on any number of ranks and any (dp, ep) layout,
+or in one process (resharding); `nemotron3 export step_N OUT` turns one into the Hugging Face layout.
 """
 
 from __future__ import annotations
@@ -61,11 +68,96 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, extra: dict, keep
     return final
 
 
+def is_sharded(path: str) -> bool:
+    return os.path.exists(os.path.join(path, ".metadata"))
+
+
+def save_sharded_checkpoint(run_dir: str, step: int, model, optimizer, extra: dict, keep_last: int,
+                            extra_files=()) -> str:
+    """DCP checkpoint of a sharded model + optimizer; a collective (every rank calls it). Atomic: the shards go to
+    a temporary directory that rank 0 renames to step_N after every rank has written (and then prunes)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = os.path.join(run_dir, "checkpoints")
+    tmp, final = os.path.join(root, f".step_{step}.tmp"), os.path.join(root, f"step_{step}")
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)           # left by a run killed while saving
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+    if rank == 0:
+        model.config.save_json(os.path.join(tmp, "config.json"))
+        for p in extra_files:
+            shutil.copy(p, os.path.join(tmp, os.path.basename(p)))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(dict(extra, step=step, **_rng_states()), f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _rng_states() -> dict:
+    return dict(torch_random=torch.get_rng_state().tolist(), python_random=_jsonable(random.getstate()),
+                numpy_random=_jsonable(np.random.get_state()))
+
+
+def _load_sharded_checkpoint(path: str, model, optimizer) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=path)                 # each rank reads the pieces of its own shards
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        trainer_state = json.load(f)
+    torch.set_rng_state(torch.tensor(trainer_state["torch_random"], dtype=torch.uint8))
+    random.setstate(_tuples(trainer_state["python_random"]))
+    np.random.set_state(tuple(_tuples(trainer_state["numpy_random"])))
+    return trainer_state
+
+
+def export_checkpoint(path: str, out_dir: str) -> str:
+    """A DCP training checkpoint (step_N/) -> a Hugging Face-layout model directory (config.json +
+    *.safetensors + the tokenizer files kept with it), in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    from ..config import NemotronConfig
+    from ..model import NemotronForCausalLM
+    if not is_sharded(path):
+        raise ValueError(f"{path} is not a sharded (DCP) checkpoint (no .metadata); a single-process run's step_N "
+                         f"is already in the Hugging Face layout: load it with from_pretrained as it is.")
+    model = NemotronForCausalLM(NemotronConfig.from_json_file(path))
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state["model"])
+    model.save_pretrained(out_dir)
+    for name in os.listdir(path):
+        if name.startswith("tokenizer"):
+            shutil.copy(os.path.join(path, name), os.path.join(out_dir, name))
+    return out_dir
+
+
 def load_checkpoint(path: str, model, optimizer) -> dict:
-    """Restore model weights, optimizer state and RNG states in place; returns trainer_state.json."""
+    """Restore model weights, optimizer state and RNG states in place; returns trainer_state.json. A sharded (DCP)
+    checkpoint loads into any layout (resharding); a Hugging Face-layout one into an unsharded model."""
     from safetensors.torch import load_file
 
     from ..model import NemotronForCausalLM
+    from .parallelize import is_sharded_model
+    if is_sharded(path):
+        return _load_sharded_checkpoint(path, model, optimizer)
+    if is_sharded_model(model):
+        raise ValueError(f"{path} was written by an unsharded run; resume it with one process (or --no-fsdp), or "
+                         f"start the sharded run with --model on its weights.")
     model.load_state_dict(NemotronForCausalLM.from_pretrained(path).state_dict())   # copies into existing tensors
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)

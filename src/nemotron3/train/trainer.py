@@ -15,7 +15,9 @@ step's micro-batches and all ranks (torchtitan's global_valid_tokens), and every
 loss by those totals; so accumulation and data parallelism give the gradient of the one big batch, whatever the
 number of valid targets in each micro-batch. Gradients are then summed over ranks (not averaged).
 The data iterator may offer state_dict() / load_state_dict() (as ResumableSampler does): checkpoints keep it.
-Left out: FSDP2 / expert parallelism, activation checkpointing.
+Under torchrun, parallelize.py shards the model from outside (FSDP2 per block, expert parallelism with --ep,
+activation checkpointing with --act-ckpt) and checkpoints become DCP shards (checkpointing.py); --no-fsdp keeps
+whole weights on every rank and sums their gradients with one flattened all-reduce.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
+from ..checkpoint import save_pretrained
 from ..config import from_preset
 from ..model import NemotronForCausalLM
 from ..model.moe import MoE
 from ..quant import NVFP4Recipe, apply_recipe
 from .balance import load_stats, update_expert_bias
-from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpointing import list_checkpoints, load_checkpoint, save_checkpoint, save_sharded_checkpoint
+from .parallelize import clip_grad_norm_, full_state_dict, parallelize
 from .schedule import WSDSchedule
 
 
@@ -99,15 +104,26 @@ class TrainerConfig:
     eval_batches: int = 4
     on_nan: str = "stop"
     """stop (keep the last good checkpoint) or skip (drop the step) when the loss or gradient is not finite."""
+    optimizer: str = "adamw"
+    """adamw (0.9, 0.95) or sgd (plain, the same weight decay; what the multi-process equality tests use)."""
+    ep: int = 1
+    """Expert parallelism under torchrun: each group of ep ranks shares one copy of the experts (E/ep per rank);
+    the data-parallel degree is nproc / ep and --batch-size stays per rank."""
+    no_fsdp: bool = False
+    """Under torchrun, keep every weight on every rank and all-reduce the gradients (no FSDP2 sharding)."""
+    act_ckpt: bool = False
+    """Activation checkpointing per block: keep only block inputs, recompute the rest in backward."""
+    cpu_offload: bool = False
+    """FSDP2: keep the sharded parameters, gradients and optimizer state in CPU memory."""
 
     def validate(self) -> None:
-        choices = {"precision": ("fp32", "bf16", "nvfp4"), "on_nan": ("stop", "skip"),
+        choices = {"precision": ("fp32", "bf16", "nvfp4"), "on_nan": ("stop", "skip"), "optimizer": ("adamw", "sgd"),
                    "device": ("auto", "cpu", "cuda"), "loss_normalization": ("token", "sequence")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: use {', '.join(allowed[:-1])} or "
                                  f"{allowed[-1]}.")
-        for name in ("max_steps", "save_every", "keep_last", "batch_size", "grad_accum", "eval_every"):
+        for name in ("max_steps", "save_every", "keep_last", "batch_size", "grad_accum", "eval_every", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1.")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -146,11 +162,13 @@ def nvfp4_recipe(cfg: TrainerConfig) -> NVFP4Recipe:
 
 
 def make_optimizer(model, cfg: TrainerConfig):
-    """AdamW (0.9, 0.95); weight decay on matrices only (norms, biases, A_log, D, dt_bias are not decayed)."""
+    """AdamW (0.9, 0.95) or SGD; weight decay on matrices only (norms, biases, A_log, D, dt_bias are not decayed)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 class Trainer:
@@ -164,17 +182,23 @@ class Trainer:
         self.rank, self.world = distributed()
         self.device = next(model.parameters()).device
         self.quant = apply_recipe(model, nvfp4_recipe(cfg)) if cfg.precision == "nvfp4" else None
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "nvfp4" and self.device.type == "cuda")
+        self.mesh = None
+        if not isinstance(model, FSDPModule):          # a model sharded by an earlier Trainer stays as it is
+            self.mesh = parallelize(model, self.world, cfg.ep, not cfg.no_fsdp, cfg.act_ckpt, cfg.cpu_offload,
+                                    bf16 and self.device.type == "cuda")
+        self.sharded = isinstance(model, FSDPModule)
         self.optimizer = make_optimizer(model, cfg)
         decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
         self.schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start),   # short runs
                                     cfg.decay_fraction, 0.01, "minus_sqrt")
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "nvfp4" and self.device.type == "cuda")
         self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.log = log if self.rank == 0 else (lambda *_: None)      # rank 0 speaks; None: a progress bar
         self.config_record = config_record if config_record is not None else asdict(cfg)
         self.step = 0
         self.expert_counts: dict[int, torch.Tensor] = {}
+        self.end_process_group = True     # train() leaves the process group at the end (False: run another)
 
     # ---- one micro-batch, one optimizer step ----
     def _to_device(self, batch: dict) -> dict:
@@ -214,8 +238,8 @@ class Trainer:
         stats = torch.stack([summed[k] for k in names] +
                             [sum(b["input_ids"].numel() for b in batches) * torch.ones((), dtype=torch.float64,
                                                                                         device=self.device)])
-        if self.world > 1:
-            _all_reduce_sum(self.model, self.expert_counts, stats)
+        if self.world > 1:              # FSDP2 has summed the gradients already; replicated weights sum them here
+            _all_reduce_sum([] if self.sharded else list(self.model.parameters()), self.expert_counts, stats)
         values = stats.tolist()
         return dict(zip(names, values[:-1]), tokens=values[-1])
 
@@ -231,7 +255,7 @@ class Trainer:
             self.quant.reseed(step, self.rank)         # stochastic rounding repeats exactly after a resume
             self.quant.monitor(quant_step)
         metrics = self.accumulate_gradients(batches)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), cfg.grad_clip)
         if not (math.isfinite(metrics["total_loss"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             msg = f"step {step}: loss {metrics['total_loss']} / gradient norm {grad_norm} is not finite"
@@ -316,25 +340,31 @@ class Trainer:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 self._report(record, bar, t_start, start_step)
-                if rank == 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
+                if step % cfg.save_every == 0 or step == cfg.max_steps:
                     extra = {"data": data.state_dict() if hasattr(data, "state_dict") else None,
                              "config": self.config_record}
-                    saved = save_checkpoint(cfg.out, step, self.model, self.optimizer, extra, cfg.keep_last)
-                    _copy_into(save_extra, saved)
+                    if self.sharded:        # every rank writes its shards (DCP)
+                        saved = save_sharded_checkpoint(cfg.out, step, self.model, self.optimizer, extra,
+                                                        cfg.keep_last, save_extra)
+                    elif rank == 0:
+                        saved = save_checkpoint(cfg.out, step, self.model, self.optimizer, extra, cfg.keep_last)
+                        _copy_into(save_extra, saved)
         finally:
             metrics.close()
             if bar is not None:
                 bar.close()
         final = os.path.join(cfg.out, "final")
+        state = full_state_dict(self.model)          # gathered onto rank 0 when sharded
         if rank == 0:
-            self.model.save_pretrained(final)
+            save_pretrained(self.model, final, state_dict=state)
             _copy_into(save_extra, final)
             from .plot import plot_run
             self.log(f"plots: {plot_run(cfg.out)}")
         if self.world > 1:
             import torch.distributed as dist
             dist.barrier()
-            dist.destroy_process_group()
+            if self.end_process_group:
+                dist.destroy_process_group()
         return final
 
     def _report(self, record: dict, bar, t_start: float, start_step: int) -> None:
@@ -386,21 +416,21 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _all_reduce_sum(model, counts: dict, stats: torch.Tensor) -> None:
-    """DDP by hand: one all-reduce of all gradients (flattened), summed over ranks (each rank's loss is already
-    divided by the global totals). A rank whose tokens never reached some expert contributes zeros for it, so MoE
-    needs no find_unused_parameters. Expert loads and the logged statistics are summed too."""
+def _all_reduce_sum(params: list, counts: dict, stats: torch.Tensor) -> None:
+    """DDP by hand (--no-fsdp): one all-reduce of all gradients of `params` (flattened), summed over ranks (each
+    rank's loss is already divided by the global totals). A rank whose tokens never reached some expert contributes
+    zeros for it, so MoE needs no find_unused_parameters. Expert loads and the logged statistics are summed too."""
     import torch.distributed as dist
-    params = list(model.parameters())
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
+    if params:
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
     for c in counts.values():
         dist.all_reduce(c)
     dist.all_reduce(stats)
