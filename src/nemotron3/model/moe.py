@@ -154,7 +154,8 @@ class MoE(nn.Module):
         r = self.gate(x_TD)
         if routing is not None:
             routing[self.layer_idx] = r
-        if self.training:
+        # count once per token: not again when activation checkpointing recomputes this layer inside backward
+        if self.training and torch._C._current_graph_task_id() == -1:
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(r.ids_TK.reshape(-1), minlength=self.gate.num_experts)
         return r

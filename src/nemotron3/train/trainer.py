@@ -323,7 +323,8 @@ class Trainer:
             if hasattr(data, "load_state_dict"):
                 data.load_state_dict(state["data"] if "data" in state else state["sampler"])   # older runs: "sampler"
             self.step = state["step"]
-            _truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), self.step)   # drop steps logged after it
+            if rank == 0:                      # drop steps logged after it (one writer: rank 0)
+                _truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), self.step)
             self.log(f"resumed from {path} at step {self.step}")
             if bar is not None:
                 bar.update(self.step)
