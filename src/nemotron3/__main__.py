@@ -7,6 +7,9 @@
     nemotron3 demo                                        # what `make demo` runs
     nemotron3 train --preset tiny --out runs/tiny --max-steps 300 --save-every 100 [--resume]
     nemotron3 sft --model runs/demo/final --data builtin --out runs/sft   # fine-tune on conversations
+    torchrun --nproc_per_node 4 -m nemotron3 train --preset tiny --ep 2   # FSDP2 + expert parallel (dp 2 x ep 2)
+    nemotron3 plan --preset nano-30b-a3b --gpus 64 --dp 8 --ep 8 --seq-len 8192   # per-GPU memory of a layout
+    nemotron3 export runs/x/checkpoints/step_100 runs/x/hf   # a sharded checkpoint -> Hugging Face layout
 
 Each command is a `main(argv)`; a bad flag value ends with one line naming the flag and the fix.
 """
@@ -18,7 +21,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "sft", "plot", "eval")
+COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "sft", "plot", "eval", "plan", "export")
 
 
 class UserError(Exception):
@@ -342,7 +345,8 @@ def main(argv=None):
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "serve": serve_main,
                "demo": demo_main, "train": _lazy("train.pretrain"), "sft": _lazy("train.sft"),
-               "plot": _lazy("train.plot"), "eval": _lazy("eval")}[argv[0]]
+               "plot": _lazy("train.plot"), "eval": _lazy("eval"), "plan": _lazy("train.plan"),
+               "export": _lazy("train.checkpointing")}[argv[0]]
     from .checkpoint import CheckpointError
     try:
         handler(argv[1:])

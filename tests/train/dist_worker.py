@@ -1,12 +1,17 @@
 """What tests/train/test_distributed.py launches under torchrun: several pretraining runs, one after the other, in
 one launch (a torchrun start costs seconds on two cores). argv[1]: a JSON list of TrainConfig field dicts. Each run
 is pretrain.train's body on the shared Trainer, keeping the process group for the next run. After each run, each
-MoE layer's expert-parallel traffic (rows sent off the rank) goes to OUT/traffic_rank{R}.json."""
+MoE layer's expert-parallel traffic (rows sent off the rank) goes to OUT/traffic_rank{R}.json. A spec with
+"memory_steps": N instead runs N optimizer steps only (no evaluation, no checkpoint) and writes the rank's peak
+resident memory above what it held before the model was built to OUT/memory_rank{R}.json (run it first: the
+peak is the process's)."""
 
 import json
 import os
+import resource
 import sys
 
+import torch
 import torch.distributed as dist
 
 from nemotron3.train.data import ResumableSampler
@@ -15,13 +20,28 @@ from nemotron3.train.pretrain import TrainConfig, WindowBatches, build_data
 from nemotron3.train.trainer import Trainer, build_model, distributed
 
 
-def run(cfg: TrainConfig) -> None:
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run(cfg: TrainConfig, memory_steps: int = 0) -> None:
     rank, world = distributed()
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])     # the optimizer's imports (~100 MB) are library code
+    before = resident_bytes()
     model, tokenizer = build_model(cfg)
     train_w, eval_w = build_data(cfg, tokenizer)
     sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
     trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log=lambda *_: None)
     trainer.end_process_group = False
+    if memory_steps:
+        batches = WindowBatches(train_w, sampler, cfg.batch_size)
+        for _ in range(memory_steps):
+            trainer.train_step([next(batches) for _ in range(cfg.grad_accum)])
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, f"memory_rank{rank}.json"), "w") as f:
+            json.dump({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}, f)
+        return
     held_out = WindowBatches(eval_w, None, cfg.batch_size).in_order(cfg.eval_batches)
     trainer.train(WindowBatches(train_w, sampler, cfg.batch_size), lambda: held_out)
     rows = {m.layer_idx: getattr(m.experts, "rows_sent", 0) for m in trainer.moe_layers}
@@ -31,6 +51,7 @@ def run(cfg: TrainConfig) -> None:
 
 if __name__ == "__main__":
     for spec in json.loads(sys.argv[1]):
-        run(TrainConfig(**spec))
-    dist.barrier()
-    dist.destroy_process_group()
+        run(TrainConfig(**{k: v for k, v in spec.items() if k != "memory_steps"}), spec.get("memory_steps", 0))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), dp=2 x ep=2 on 4 processes,
 activation checkpointing, CPU offload, a SIGKILL mid-run resumed on another world size and (dp, ep) layout, and
-the export of a sharded checkpoint. Oracle: one process training the same global batch (4 sequences per step) with
+the export of a sharded checkpoint, and the memory planner on an expert-parallel run. Oracle: one process training the same global batch (4 sequences per step) with
 the tiny preset, which has MTP (2 depths), LatentMoE, the sequence aux loss and the expert-bias update all on;
 transformers' NemotronHForCausalLM for the exported checkpoint.
 
@@ -27,11 +27,13 @@ from nemotron3 import NemotronForCausalLM
 from nemotron3.train.checkpointing import export_checkpoint
 from nemotron3.train.pretrain import TrainConfig, train
 from tests.hf_utils import load_in_hf
+from tests.train.test_plan import MEMORY_RUN, planned_peak
 
 COMMON = dict(preset="tiny", seq_len=32, train_tokens=30000, max_steps=6, save_every=2, eval_every=3, lr=0.1,
               optimizer="sgd")
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path),
+           MALLOC_MMAP_THRESHOLD_="65536")        # freed blocks go back at once: resident memory tracks tensors
 
 
 def torchrun(n: int, runs: list[dict], wait: bool = True):
@@ -69,10 +71,15 @@ def assert_same_run(run, oracle, atol=1e-5):
 def test_fsdp_and_expert_parallel_train_the_one_process_model(tmp_path):
     sgd = one_process(tmp_path / "one")
     adam = one_process(tmp_path / "one_adam", optimizer="adamw", lr=3e-3)
-    dp2, ep2, dp2_adam = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam"))
-    torchrun(2, [dict(COMMON, out=dp2, batch_size=2),
+    dp2, ep2, dp2_adam, memory = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory"))
+    torchrun(2, [dict(MEMORY_RUN, out=memory, ep=2),              # first: its peak is the process's
+                 dict(COMMON, out=dp2, batch_size=2),
                  dict(COMMON, out=ep2, batch_size=2, ep=2, act_ckpt=True),
                  dict(COMMON, out=dp2_adam, batch_size=2, optimizer="adamw", lr=3e-3, cpu_offload=True)])
+    planned = planned_peak(2, 1, 2)                                 # the planner, checked as in test_plan.py
+    for rank in (0, 1):
+        measured = json.load(open(os.path.join(memory, f"memory_rank{rank}.json")))["peak"]
+        assert abs(planned / measured - 1) <= 0.15, (planned, measured)
     assert_same_run(dp2, sgd)
     assert_same_run(ep2, sgd)
     assert not torch.equal(weights(sgd)["lm_head.weight"], load_file(os.path.join(

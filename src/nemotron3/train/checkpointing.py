@@ -209,3 +209,17 @@ def _tuples(x):
     if isinstance(x, list):
         return tuple(_tuples(v) for v in x)
     return x
+
+
+def main(argv=None):
+    """`nemotron3 export RUN/checkpoints/step_N OUT`."""
+    import argparse
+    p = argparse.ArgumentParser(prog="nemotron3 export", description="Write a sharded (DCP) training checkpoint "
+                                "as a Hugging Face-layout model directory (from_pretrained / transformers).")
+    p.add_argument("checkpoint", help="RUN/checkpoints/step_N of a multi-process run")
+    p.add_argument("out", help="output model directory")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.checkpoint):
+        raise ValueError(f"{args.checkpoint} is not a directory; give RUN/checkpoints/step_N.")
+    print(f"model: {export_checkpoint(args.checkpoint, args.out)}")
+    return 0

@@ -151,7 +151,8 @@ def main(argv=None):
         print(explain_precision(cfg))
         return 0
     final = train(cfg)
-    print(f"final model: {final}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"final model: {final}")
 
 
 if __name__ == "__main__":

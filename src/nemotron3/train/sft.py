@@ -130,7 +130,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="nemotron3 sft", description=__doc__.split("\n")[0])
     config_flags(p, SFTConfig)
     cfg = SFTConfig(**vars(p.parse_args(argv)))
-    print(f"final model: {train_sft(cfg)}")
+    final = train_sft(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:                 # rank 0 speaks
+        print(f"final model: {final}")
     return 0
 
 
