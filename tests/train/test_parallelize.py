@@ -1,0 +1,57 @@
+"""parallelize.py in one process: activation checkpointing and the checks of a layout. Oracles: the same model
+trained without checkpointing (same gradients, same expert loads: recomputation in backward must not count tokens
+twice), and torch.nn.utils.clip_grad_norm_ for the norm of plain (unsharded) gradients."""
+
+import copy
+
+import pytest
+import torch
+
+from nemotron3 import NemotronForCausalLM, from_preset
+from nemotron3.__main__ import main
+from nemotron3.train.lm_loss import LMLoss
+from nemotron3.train.parallelize import clip_grad_norm_, parallelize
+from nemotron3.train.trainer import Trainer, TrainerConfig
+
+
+def test_activation_checkpointing_keeps_gradients_and_expert_loads(tmp_path):
+    torch.manual_seed(0)
+    plain = NemotronForCausalLM(from_preset("tiny")).train()
+    ckpt = copy.deepcopy(plain)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    out = {}
+    for name, model, act in (("plain", plain, False), ("ckpt", ckpt, True)):
+        cfg = TrainerConfig(out=str(tmp_path / name), act_ckpt=act, aux_coeff=1e-4)
+        trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log=lambda *_: None)
+        metrics = trainer.accumulate_gradients([batch])
+        out[name] = (metrics, trainer.expert_counts, {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert out["plain"][0]["total_loss"] == pytest.approx(out["ckpt"][0]["total_loss"], abs=1e-7)
+    for i, counts in out["plain"][1].items():
+        assert torch.equal(counts, out["ckpt"][1][i]), i
+    assert out["plain"][1][3].sum() == 2 * 40 * 2                           # T * K assignments, counted once
+    for n, g in out["plain"][2].items():
+        torch.testing.assert_close(out["ckpt"][2][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_clip_grad_norm_matches_torch_on_plain_gradients():
+    a, b = (torch.nn.Linear(5, 3) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 5)
+    for m in (a, b):
+        (m(x) ** 2).sum().mul(10).backward()
+    ours = clip_grad_norm_(list(a.parameters()), 0.5)
+    theirs = float(torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5))
+    assert ours == pytest.approx(theirs, rel=1e-6) and ours > 0.5               # it did clip
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_bad_layouts_are_rejected_with_the_fix(capsys):
+    model = NemotronForCausalLM(from_preset("tiny"))
+    with pytest.raises(ValueError, match="--ep 2 does not divide the 1 ranks"):
+        parallelize(model, world=1, ep=2)
+    with pytest.raises(ValueError, match="drop --no-fsdp"):
+        parallelize(model, world=2, ep=2, fsdp=False)
+    assert main(["train", "--preset", "tiny", "--ep", "0", "--max-steps", "1"]) == 2
+    assert "--ep 0 must be >= 1" in capsys.readouterr().err
