@@ -1,5 +1,5 @@
 """Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), dp=2 x ep=2 on 4 processes,
-activation checkpointing, CPU offload, a SIGKILL mid-run resumed on another world size and (dp, ep) layout, and
+replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL mid-run resumed on another world size and (dp, ep) layout, and
 the export of a sharded checkpoint, and the memory planner on an expert-parallel run. Oracle: one process training the same global batch (4 sequences per step) with
 the tiny preset, which has MTP (2 depths), LatentMoE, the sequence aux loss and the expert-bias update all on;
 transformers' NemotronHForCausalLM for the exported checkpoint.
@@ -68,20 +68,22 @@ def assert_same_run(run, oracle, atol=1e-5):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
-def test_fsdp_and_expert_parallel_train_the_one_process_model(tmp_path):
+def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tmp_path):
     sgd = one_process(tmp_path / "one")
     adam = one_process(tmp_path / "one_adam", optimizer="adamw", lr=3e-3)
-    dp2, ep2, dp2_adam, memory = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory"))
+    dp2, ep2, dp2_adam, memory, ddp = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory", "ddp"))
     torchrun(2, [dict(MEMORY_RUN, out=memory, ep=2),              # first: its peak is the process's
                  dict(COMMON, out=dp2, batch_size=2),
                  dict(COMMON, out=ep2, batch_size=2, ep=2, act_ckpt=True),
-                 dict(COMMON, out=dp2_adam, batch_size=2, optimizer="adamw", lr=3e-3, cpu_offload=True)])
+                 dict(COMMON, out=dp2_adam, batch_size=2, optimizer="adamw", lr=3e-3, cpu_offload=True),
+                 dict(COMMON, out=ddp, batch_size=2, no_fsdp=True)])
     planned = planned_peak(2, 1, 2)                                 # the planner, checked as in test_plan.py
     for rank in (0, 1):
         measured = json.load(open(os.path.join(memory, f"memory_rank{rank}.json")))["peak"]
         assert abs(planned / measured - 1) <= 0.15, (planned, measured)
     assert_same_run(dp2, sgd)
     assert_same_run(ep2, sgd)
+    assert_same_run(ddp, sgd)
     assert not torch.equal(weights(sgd)["lm_head.weight"], load_file(os.path.join(
         sgd, "checkpoints", "step_4", "model.safetensors"))["lm_head.weight"])             # it trained
     rows = json.load(open(os.path.join(ep2, "traffic_rank0.json")))
