@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]       # (dp, ep); world = dp * ep
+
+
+def resident_bytes(field: str) -> int:
+    """Resident memory now (VmRSS) or at the process's peak (VmHWM); ru_maxrss would include the forking parent's."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def worker(spec: dict) -> None:
@@ -44,8 +49,7 @@ def worker(spec: dict) -> None:
 
     rank, world = distributed()
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])         # library imports, before the baseline
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = resident_bytes("VmRSS")
     cfg = TrainConfig(preset="small", seq_len=spec["seq_len"], batch_size=spec["batch_size"], ep=spec["ep"],
                       train_tokens=spec["steps"] * spec["batch_size"] * world * (spec["seq_len"] + 1) + 5000,
                       out=spec["out"], max_steps=spec["steps"])
@@ -59,7 +63,7 @@ def worker(spec: dict) -> None:
         t0 = time.perf_counter()
         trainer.train_step([next(batches)])
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = resident_bytes("VmHWM") - before
     rows = sum(getattr(m.experts, "rows_sent", 0) for m in trainer.moe_layers)
     local = torch.tensor([peak, rows], dtype=torch.float64)
     gathered = [torch.zeros_like(local) for _ in range(world)] if world > 1 else [local]

@@ -8,7 +8,6 @@ peak is the process's)."""
 
 import json
 import os
-import resource
 import sys
 
 import torch
@@ -20,9 +19,11 @@ from nemotron3.train.pretrain import TrainConfig, WindowBatches, build_data
 from nemotron3.train.trainer import Trainer, build_model, distributed
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM). Not getrusage's ru_maxrss: Linux carries
+    that over exec from the parent that forked us, so a child of a big pytest process would report its size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def run(cfg: TrainConfig, memory_steps: int = 0) -> None:
@@ -40,7 +41,7 @@ def run(cfg: TrainConfig, memory_steps: int = 0) -> None:
             trainer.train_step([next(batches) for _ in range(cfg.grad_accum)])
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, f"memory_rank{rank}.json"), "w") as f:
-            json.dump({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}, f)
+            json.dump({"peak": resident_bytes("VmHWM") - before}, f)
         return
     held_out = WindowBatches(eval_w, None, cfg.batch_size).in_order(cfg.eval_batches)
     trainer.train(WindowBatches(train_w, sampler, cfg.batch_size), lambda: held_out)

@@ -1,5 +1,5 @@
 """The memory planner (train/plan.py). Oracle: the peak resident memory of real training runs on CPU (the process's
-ru_maxrss above what it held before the model was built, malloc returning freed blocks at once), here for one
+VmHWM above what it held before the model was built, malloc returning freed blocks at once), here for one
 process; tests/train/test_distributed.py checks a dp=1 x ep=2 run the same way. Tolerance 15%: the planner models
 tensors, not the allocator's slack or the communication library's buffers."""
 
