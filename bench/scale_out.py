@@ -10,8 +10,8 @@ moe_latent_size = d/4 and otherwise the same experts (E, K, m): each routed toke
 instead of d, so the bytes per token should drop 4x (Nemotron 3 white paper §2.2); expected per MoE layer with
 ep = 2: 2 (dispatch + combine) * K * L * 4 B * (ep - 1) / ep. Every rank runs one thread, so one process uses one
 of the 2 cores and 4 ranks oversubscribe them: the tokens/s column mixes the scaling with the core count.
-Measured (2 shared cores, small preset, 2 x 256 tokens per rank): 328 / 379 / 369 / 549 tokens/s at dp1xep1,
-dp2xep1, dp1xep2, dp2xep2; peak 321 / 278 / 284 / 252 MiB per rank; 4,138 bytes per token per MoE layer for MoE
+Measured (2 shared cores, small preset, 2 x 256 tokens per rank): 307 / 341 / 387 / 548 tokens/s at dp1xep1,
+dp2xep1, dp1xep2, dp2xep2 (+-10% between runs); peak 321 / 278 / 284 / 252 MiB per rank; 4,138 bytes per token per MoE layer for MoE
 against 1,015 for LatentMoE (4.08x = d/l; expected 4,096 and 1,024).
 """
 
