@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -137,7 +138,9 @@ def export_checkpoint(path: str, out_dir: str) -> str:
                          f"is already in the Hugging Face layout: load it with from_pretrained as it is.")
     model = NemotronForCausalLM(NemotronConfig.from_json_file(path))
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():             # DCP warns that it runs in one process: that is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     model.load_state_dict(state["model"])
     model.save_pretrained(out_dir)
     for name in os.listdir(path):
