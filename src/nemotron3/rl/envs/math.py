@@ -5,6 +5,9 @@ of NeMo-Gym's math_with_judge used for Nemotron 3 math RLVR: last \\boxed{} agai
 
 Difficulty grows with the number of operands (2..4) and their size, so a tiny model starts with some solved and
 some unsolved problems: what the pass-rate curriculum needs.
+style="short" asks in the built-in SFT set's own form instead ("3+8-4=?", three one-digit operands, the whole final
+answer is the number, no \\boxed{}): what the byte-level demo model was fine-tuned on, so RL has a signal to start
+from (the demo's RL phase and bench/rl_curve.py).
 math-verify runs in a worker process, never in the caller: its parse/verify timeouts use SIGALRM, which works
 only on a process's main thread; elsewhere older releases silently returned False (a reported math-verify issue)
 and 0.9 raises ValueError, so a rollout scoring from a thread pool would read every right answer as wrong. The
@@ -75,16 +78,25 @@ class MathVerifier:
 class MathEnv(Environment):
     name = "math"
 
-    def __init__(self, max_operands: int = 4, max_value: int = 30, timeout_s: float = 5.0):
+    def __init__(self, max_operands: int = 4, max_value: int = 30, timeout_s: float = 5.0, style: str = "boxed"):
         if max_operands < 2 or max_value < 2:
             raise ValueError(f"MathEnv needs max_operands >= 2 and max_value >= 2, got {max_operands}, {max_value}.")
-        self.max_operands, self.max_value = max_operands, max_value
+        if style not in ("boxed", "short"):
+            raise ValueError(f"MathEnv style={style!r}: use 'boxed' (\\boxed{{}} answers) or 'short' (the SFT set's "
+                             f"'3+8-4=?' form).")
+        self.max_operands, self.max_value, self.style = max_operands, max_value, style
         self.verifier = MathVerifier(timeout_s)
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:
         check_split(split)
         rng = random.Random(seed)
         while True:
+            if self.style == "short":
+                from nemotron3.train.sft_data import _arithmetic
+                question, _, value = _arithmetic(rng)
+                if split_of(question) == split:
+                    yield Task([{"role": "user", "content": question}], {"answer": str(value), "operands": 3})
+                continue
             n = rng.randint(2, self.max_operands)
             terms = [str(rng.randint(1, self.max_value))]
             for _ in range(n - 1):
@@ -97,7 +109,15 @@ class MathEnv(Environment):
                        {"answer": str(eval(expr, {"__builtins__": {}})), "operands": n})   # our own digits and ops
 
     def score(self, task: Task, completion: str) -> float:
-        answer = last_boxed(completion)
+        answer = last_boxed(completion) if self.style == "boxed" else completion.strip()
         if answer is None or not answer.strip():
             return 0.0
         return float(self.verifier(task.data["answer"], answer))
+
+
+class ShortMathEnv(MathEnv):
+    """`math_short`: the math environment in the built-in SFT set's form (style="short")."""
+    name = "math_short"
+
+    def __init__(self, timeout_s: float = 5.0):
+        super().__init__(timeout_s=timeout_s, style="short")
