@@ -31,8 +31,7 @@ def draft_acceptance(model, tokenizer, envs: dict, cfg, depths: int, tasks_per_e
     sampling = SamplingParams(temperature=cfg.temperature, top_p=1.0, seed=cfg.seed + 777)
     for env in envs.values():
         tasks = list(islice(env.tasks("test", cfg.seed + 2), tasks_per_env))
-        rollout(engine, tokenizer, env, tasks, cfg.eval_samples, max_tokens=cfg.max_tokens, max_turns=cfg.max_turns,
-                thinking=cfg.thinking, sampling=sampling)
+        rollout(engine, tokenizer, env, tasks, cfg.eval_samples, sampling=sampling, **cfg.episode())
     acc = engine.acceptance()
     return sum(acc) / len(acc)
 
@@ -46,8 +45,7 @@ def policy_generations(model, tokenizer, envs: dict, cfg, prompts_per_env: int, 
     groups = []
     for env in envs.values():
         tasks = list(islice(env.tasks("train", cfg.seed + 3), prompts_per_env))
-        groups += rollout(engine, tokenizer, env, tasks, cfg.group_size, max_tokens=cfg.max_tokens,
-                          max_turns=cfg.max_turns, thinking=cfg.thinking, sampling=sampling)
+        groups += rollout(engine, tokenizer, env, tasks, cfg.group_size, sampling=sampling, **cfg.episode())
     batches = []
     for i in range(0, len(groups), max(1, batch_rows // cfg.group_size)):
         b = batch_tensors(groups[i:i + max(1, batch_rows // cfg.group_size)])

@@ -75,10 +75,15 @@ class GRPOConfig(TrainerConfig):
     """Rollout sampling temperature (Nemotron 3: 1.0, top_p 1.0); the trainer's log-probs use the same."""
     thinking: bool = False
     """Prompts open a thought (chat template enable_thinking)."""
+    stop: str = "<|im_end|>"
+    """Stop strings ending a model turn besides the tokenizer's eos, comma-separated (default: the chat template's
+    end of turn, which a byte-level model writes as text)."""
     async_rollouts: bool = False
     """--async: rollout workers generate the next batches while the trainer steps (Super); else sync (Nano)."""
     max_age: int = 1
     """Async: a trajectory is used only if its tokens are at most this many policy versions old."""
+    rollout_dtype: str = "float32"
+    """Async: the rollout worker's weights, float32 or bfloat16 (a source of train/inference mismatch)."""
     is_correction: str = "mask"
     """Train/inference importance correction: none, tis (truncate at the upper bound) or mask (Nemotron 3's masked
     IS: tokens with weight outside the bounds get none)."""
@@ -140,6 +145,10 @@ class GRPOConfig(TrainerConfig):
         if self.grad_accum != 1:
             raise ValueError(f"--grad-accum {self.grad_accum}: RL takes one micro-batch per step (advantages need "
                              f"whole groups); lower --prompts-per-step instead.")
+        if self.rollout_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--rollout-dtype {self.rollout_dtype}: use float32 or bfloat16.")
+        if self.rollout_dtype != "float32" and not self.async_rollouts:
+            raise ValueError("--rollout-dtype bfloat16 needs --async (sync rollouts run the trainer's own model).")
         if self.temperature <= 0:
             raise ValueError(f"--temperature {self.temperature}: RL samples; use a temperature > 0 (1.0).")
         if self.prompts_per_step > self.task_pool:
@@ -176,12 +185,21 @@ class GRPOConfig(TrainerConfig):
                              f"entry) with a positive sum.")
         return w
 
+    def stop_strings(self) -> list[str]:
+        return [s for s in self.stop.split(",") if s]
+
+    def episode(self) -> dict:
+        """The keyword arguments of rollout() every rollout of this run shares (evaluation, profiling, healing)."""
+        return dict(max_tokens=self.max_tokens, max_turns=self.max_turns, thinking=self.thinking,
+                    stop=self.stop_strings())
+
     def rollout_config(self) -> RolloutConfig:
         return RolloutConfig(group_size=self.group_size, batch_groups=self.prompts_per_step,
                              max_tokens=self.max_tokens, max_turns=self.max_turns, temperature=self.temperature,
-                             seed=self.seed, thinking=self.thinking, num_speculative_tokens=self.speculative_tokens,
+                             seed=self.seed, thinking=self.thinking, stop=self.stop_strings(),
+                             num_speculative_tokens=self.speculative_tokens,
                              max_batch=max(64, self.group_size), max_trajectory_age_steps=self.max_age,
-                             return_routed_experts=self.router_replay)
+                             return_routed_experts=self.router_replay, dtype=self.rollout_dtype)
 
 
 def load_envs(cfg: GRPOConfig) -> dict:
@@ -381,8 +399,8 @@ def profile_pass_rates(model, tokenizer, env, tasks, cfg: GRPOConfig) -> list[fl
     engine = Engine(model, tokenizer, 0, max_batch=max(64, cfg.profile_samples))
     rates = []
     for i in range(0, len(tasks), 8):
-        groups = rollout(engine, tokenizer, env, tasks[i:i + 8], cfg.profile_samples, max_tokens=cfg.max_tokens,
-                         max_turns=cfg.max_turns, thinking=cfg.thinking, sampling=cfg.rollout_config().sampling)
+        groups = rollout(engine, tokenizer, env, tasks[i:i + 8], cfg.profile_samples,
+                         sampling=cfg.rollout_config().sampling, **cfg.episode())
         rates += [sum(t.reward for t in g) / len(g) for g in groups]
     return rates
 
@@ -399,8 +417,7 @@ def heldout_reward(model, tokenizer, envs: dict, cfg: GRPOConfig, tasks_per_env:
     out = {}
     for name, env in envs.items():
         tasks = list(islice(env.tasks("test", cfg.seed + 1), n))
-        groups = rollout(engine, tokenizer, env, tasks, cfg.eval_samples, max_tokens=cfg.max_tokens,
-                         max_turns=cfg.max_turns, thinking=cfg.thinking, sampling=sampling)
+        groups = rollout(engine, tokenizer, env, tasks, cfg.eval_samples, sampling=sampling, **cfg.episode())
         out[name] = sum(t.reward for g in groups for t in g) / max(1, sum(len(g) for g in groups))
     return out
 

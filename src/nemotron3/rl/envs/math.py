@@ -39,6 +39,10 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def _import_in_worker() -> None:
+    import math_verify  # noqa: F401
+
+
 def _verify_in_worker(gold: str, answer: str, timeout_s: int) -> bool:
     from math_verify import parse, verify
     return bool(verify(parse(f"${gold}$", parsing_timeout=timeout_s),
@@ -60,6 +64,9 @@ class MathVerifier:
                 raise ImportError("the math environment needs math-verify: pip install 'nemotron3[rl]' "
                                   "(or pip install math-verify)") from None
             self._pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            # the worker's start (interpreter + sympy import) takes seconds, minutes on a loaded machine: wait for
+            # it apart from the per-call timeout, or every call would time out and restart the worker
+            self._pool.submit(_import_in_worker).result(timeout=600)
         future = self._pool.submit(_verify_in_worker, gold, answer, max(1, round(self.timeout_s)))
         try:
             return future.result(timeout=self.timeout_s + 10)
@@ -75,12 +82,24 @@ class MathVerifier:
             self._pool = None
 
 
+def _short_problem(rng: random.Random, operands: int) -> tuple[str, int]:
+    """The SFT set's forms: two operands "a+b=?" (its follow-up conversations), three "a+b-c=?" (its arithmetic)."""
+    if operands == 2:
+        a, b = rng.randrange(10), rng.randrange(10)
+        return f"{a}+{b}=?", a + b
+    from nemotron3.train.sft_data import _arithmetic
+    question, _, value = _arithmetic(rng)
+    return question, value
+
+
 class MathEnv(Environment):
     name = "math"
 
     def __init__(self, max_operands: int = 4, max_value: int = 30, timeout_s: float = 5.0, style: str = "boxed"):
         if max_operands < 2 or max_value < 2:
             raise ValueError(f"MathEnv needs max_operands >= 2 and max_value >= 2, got {max_operands}, {max_value}.")
+        if style == "short" and max_operands not in (2, 3):
+            raise ValueError(f"MathEnv style='short' has 2 or 3 operands (the SFT set's forms), got {max_operands}.")
         if style not in ("boxed", "short"):
             raise ValueError(f"MathEnv style={style!r}: use 'boxed' (\\boxed{{}} answers) or 'short' (the SFT set's "
                              f"'3+8-4=?' form).")
@@ -92,10 +111,10 @@ class MathEnv(Environment):
         rng = random.Random(seed)
         while True:
             if self.style == "short":
-                from nemotron3.train.sft_data import _arithmetic
-                question, _, value = _arithmetic(rng)
+                question, value = _short_problem(rng, self.max_operands)
                 if split_of(question) == split:
-                    yield Task([{"role": "user", "content": question}], {"answer": str(value), "operands": 3})
+                    yield Task([{"role": "user", "content": question}], {"answer": str(value),
+                                                                         "operands": self.max_operands})
                 continue
             n = rng.randint(2, self.max_operands)
             terms = [str(rng.randint(1, self.max_value))]
@@ -116,8 +135,8 @@ class MathEnv(Environment):
 
 
 class ShortMathEnv(MathEnv):
-    """`math_short`: the math environment in the built-in SFT set's form (style="short")."""
+    """`math_short`: the math environment in the built-in SFT set's forms (style="short"), "a+b=?" or "a+b-c=?"."""
     name = "math_short"
 
-    def __init__(self, timeout_s: float = 5.0):
-        super().__init__(timeout_s=timeout_s, style="short")
+    def __init__(self, operands: int = 2, timeout_s: float = 5.0):
+        super().__init__(max_operands=operands, timeout_s=timeout_s, style="short")
