@@ -11,6 +11,9 @@ out of this run. Held-out reward = mean over 32 test-split problems x 4 samples 
 seed, so before / after of one seed score the same draws. Every run: G = 8 samples x 4 prompts per step, reasoning
 on, 48 tokens, lr 1e-3 (the demo's settings, rl/demo.py). Gains are compared with the spread over seeds of the same
 configuration (all numbers from this one run of the script). Writes bench/results/rl_curve.json and .png.
+Also measured here: router replay's effect on the train/inference mismatch |logp_train - logp_gen| (a bfloat16
+engine generating, the float32 trainer recomputing, with and without the engine's routing), and MTP healing after
+the first RL run (draft acceptance of the SFT model, of the RL'd model, and after healing its MTP heads).
 """
 
 from __future__ import annotations
@@ -26,8 +29,17 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import new_figure, print_table, save, save_figure  # noqa: E402
 
+import copy  # noqa: E402
+from itertools import islice  # noqa: E402
+
+import torch  # noqa: E402
+
+from nemotron3.infer import Engine, SamplingParams  # noqa: E402
 from nemotron3.rl.demo import DEMO_SETTINGS  # noqa: E402
-from nemotron3.rl.train import GRPOConfig, train_rl  # noqa: E402
+from nemotron3.rl.heal import draft_acceptance  # noqa: E402
+from nemotron3.rl.rollout import RolloutRunner, batch_tensors  # noqa: E402
+from nemotron3.rl.train import GRPOConfig, load_envs, replay_tensor, token_logprobs, train_rl  # noqa: E402
+from nemotron3.train.trainer import build_model  # noqa: E402
 
 CONFIGS = {                                  # name -> (model key, overrides)
     "sync, IS mask": ("sft", {}),
@@ -35,6 +47,30 @@ CONFIGS = {                                  # name -> (model key, overrides)
     "sync, IS none": ("sft", {"is_correction": "none"}),
     "no SFT, sync, IS mask": ("base", {}),
 }
+
+
+@torch.no_grad()
+def replay_effect(model_dir: str, prompts: int = 16, seed: int = 0) -> dict:
+    """|logp_train - logp_gen| over generated tokens: a bfloat16 engine samples (and records its routing), the
+    float32 model recomputes, routing itself or replaying the engine's."""
+    cfg = GRPOConfig(**{**DEMO_SETTINGS, "model": model_dir, "seed": seed})
+    model, tok = build_model(cfg)
+    model.eval()
+    env = load_envs(cfg)[cfg.env]
+    engine = Engine(copy.deepcopy(model).to(torch.bfloat16), tok, 0, max_batch=64)
+    runner = RolloutRunner(engine, tok, sampling=SamplingParams(temperature=1.0, seed=seed), max_tokens=cfg.max_tokens,
+                           thinking=cfg.thinking, stop=cfg.stop_strings(), return_routed_experts=True)
+    tasks = list(islice(env.tasks("train", seed), prompts))
+    groups = runner.run([env] * len(tasks), tasks, cfg.group_size)
+    batch = batch_tensors(groups)
+    mask = batch["loss_mask"].bool()
+    out = {}
+    for name, routed in (("router", None), ("replay", replay_tensor(groups, batch["input_ids"].shape, model.config))):
+        lp, _ = token_logprobs(model, batch["input_ids"], routed_experts=routed)
+        d = (lp - batch["gen_logprobs"])[mask].abs()
+        out[f"{name}_mean"], out[f"{name}_max"] = d.mean().item(), d.max().item()
+    out["tokens"] = int(mask.sum())
+    return out
 
 
 def one_run(model: str, out: str, steps: int, seed: int, overrides: dict) -> dict:
@@ -45,7 +81,7 @@ def one_run(model: str, out: str, steps: int, seed: int, overrides: dict) -> dic
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     env = cfg.env
-    return {"seed": seed, "before": result["before"][env], "after": result["after"][env],
+    return {"seed": seed, "before": result["before"][env], "after": result["after"][env], "heal": result.get("heal"),
             "seconds": time.perf_counter() - t0,
             "train_reward": [r["reward"] for r in rows], "wall_s": [r["wall_s"] for r in rows],
             "logp_diff_mean": statistics.mean(r["logp_diff_mean"] for r in rows),
@@ -88,8 +124,16 @@ def main(argv=None):
     p.add_argument("--base", default="", help="the model before SFT (the no-SFT baseline); empty: skipped")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--heal-steps", type=int, default=40, help="MTP healing steps after the first RL run")
     args = p.parse_args(argv)
     models = {"sft": args.model, "base": args.base}
+    replay = replay_effect(args.model)
+    print(f"router replay, |logp_train - logp_gen| over {replay['tokens']} tokens (bf16 engine, fp32 trainer): "
+          f"mean {replay['router_mean']:.4f} -> {replay['replay_mean']:.4f}, max {replay['router_max']:.3f} -> "
+          f"{replay['replay_max']:.3f}", flush=True)
+    sft_model, tok = build_model(GRPOConfig(model=args.model))
+    cfg = GRPOConfig(**{**DEMO_SETTINGS, "model": args.model})
+    acceptance_sft = draft_acceptance(sft_model.eval(), tok, load_envs(cfg), cfg, cfg.mtp_depths)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (which, overrides) in CONFIGS.items():
@@ -98,14 +142,20 @@ def main(argv=None):
             results[name] = []
             for seed in range(args.seeds):
                 out = os.path.join(tmp, f"{len(results)}_{seed}")
-                results[name].append(one_run(models[which], out, args.steps, seed, overrides))
+                heal = {"heal_mtp_steps": args.heal_steps} if not results[name] and name == "sync, IS mask" else {}
+                results[name].append(one_run(models[which], out, args.steps, seed, overrides | heal))
                 r = results[name][-1]
                 print(f"{name} seed {seed}: {r['before']:.3f} -> {r['after']:.3f} ({r['seconds']:.0f} s)", flush=True)
     rows = [summarize(name, runs) for name, runs in results.items()]
     print_table(rows, ["config", "before", "after", "gain", "gain_std", "gain_over_std", "min_gain", "seconds",
                        "tok_s"])
+    heal = results["sync, IS mask"][0]["heal"]
+    print(f"MTP draft acceptance: SFT model {acceptance_sft:.3f}, after RL {heal['before']:.3f}, after healing "
+          f"{heal['after']:.3f}")
     path = save("rl_curve", {"steps": args.steps, "seeds": args.seeds, "settings": DEMO_SETTINGS,
-                             "models": models, "summary": rows, "runs": results})
+                             "models": models, "summary": rows, "router_replay": replay,
+                             "mtp_acceptance": {"sft": acceptance_sft, "after_rl": heal["before"],
+                                                "after_healing": heal["after"]}, "runs": results})
     print(f"{path}\n{plot(results)}")
 
 

@@ -24,4 +24,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'nemotron3.rl' has no attribute {name!r}")
 
 __all__ = ["group_advantages", "grpo_loss", "Environment", "Task", "load_environment", "reward_of", "rollout",
-           "RolloutConfig", "SyncRollouts", "AsyncRollouts", "Trajectory", "batch_tensors", "policy_weights", "GRPOConfig", "train_rl", "demo_phase"]
+           "RolloutConfig", "SyncRollouts", "AsyncRollouts", "Trajectory", "batch_tensors", "policy_weights",
+           "GRPOConfig", "train_rl", "demo_phase"]

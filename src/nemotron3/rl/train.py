@@ -46,7 +46,7 @@ from ..model.nemotron import shifted_targets
 from ..train.trainer import Trainer, TrainerConfig, build_model, config_flags, resolve_device
 from .curriculum import Curriculum, CurriculumConfig, task_pool
 from .environment import load_environment
-from .grpo import IS_MODES, group_advantages, grpo_loss
+from .grpo import group_advantages, grpo_loss
 from .rollout import RolloutConfig, SyncRollouts, batch_tensors, policy_weights, rollout
 
 
@@ -179,7 +179,8 @@ class GRPOConfig(TrainerConfig):
         try:
             w = [float(x) for x in self.env_weights.split(",")]
         except ValueError:
-            raise ValueError(f"--env-weights {self.env_weights}: write numbers separated by commas, e.g. 3,1.") from None
+            raise ValueError(f"--env-weights {self.env_weights}: write numbers separated by commas, e.g. 3,1."
+                             ) from None
         if len(w) != n or any(x < 0 for x in w) or sum(w) <= 0:
             raise ValueError(f"--env-weights {self.env_weights}: give {n} non-negative numbers (one per --env "
                              f"entry) with a positive sum.")
