@@ -7,15 +7,18 @@
 Settings sized for ~1.5 minutes on 2 CPU cores with the tiny byte-level model: G = 8 samples of 4 prompts per step,
 reasoning on (the SFT set teaches "3+8=11, 11-4=7." before the answer), 48 tokens per answer, a learning rate a tiny
 model moves with (the paper's 3e-6 is for billions of parameters), held-out reward over 32 test-split problems x 4
-samples at temperature 1 (seeded: before and after score the same draws).
+samples at temperature 1 (seeded: before and after score the same draws). Truncated answers stay in the loss
+(keep_overlong): at 48 tokens a truncated answer is a failure, not a long right one, and with overlong filtering
+the failures that stop get pushed down while those that ramble do not (measured: the truncated share went from 0 to
+0.6 in 20 steps, reward fell).
 """
 
 from __future__ import annotations
 
 from .train import GRPOConfig, train_rl
 
-DEMO_SETTINGS = dict(env="math_short", group_size=8, prompts_per_step=4, max_tokens=48, thinking=True, lr=1e-3,
-                     warmup_steps=0, eval_tasks=32, eval_samples=4, task_pool=128, device="cpu")
+DEMO_SETTINGS = dict(env="math_short", group_size=8, prompts_per_step=4, max_tokens=48, thinking=True, lr=1e-4,
+                     keep_overlong=True, warmup_steps=0, eval_tasks=32, eval_samples=4, task_pool=128, device="cpu")
 
 
 def demo_phase(model_dir: str, out_dir: str, steps: int = 20, seed: int = 0, log=None, **overrides) -> dict:

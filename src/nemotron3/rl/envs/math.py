@@ -138,5 +138,5 @@ class ShortMathEnv(MathEnv):
     """`math_short`: the math environment in the built-in SFT set's forms (style="short"), "a+b=?" or "a+b-c=?"."""
     name = "math_short"
 
-    def __init__(self, operands: int = 2, timeout_s: float = 5.0):
+    def __init__(self, operands: int = 3, timeout_s: float = 5.0):
         super().__init__(max_operands=operands, timeout_s=timeout_s, style="short")
