@@ -9,7 +9,7 @@ answer); the other built-in environments (tools, code, structured, instructions)
 skills the tiny byte-level model does not have, so their held-out reward is 0 before and after and they are left
 out of this run. Held-out reward = mean over 32 test-split problems x 4 samples at temperature 1, seeded by the run
 seed, so before / after of one seed score the same draws. Every run: G = 8 samples x 4 prompts per step, reasoning
-on, 48 tokens, lr 1e-3 (the demo's settings, rl/demo.py). Gains are compared with the spread over seeds of the same
+on, 48 tokens, lr 1e-4 (the demo's settings, rl/demo.py). Gains are compared with the spread over seeds of the same
 configuration (all numbers from this one run of the script). Writes bench/results/rl_curve.json and .png.
 Also measured here: router replay's effect on the train/inference mismatch |logp_train - logp_gen| (a bfloat16
 engine generating, the float32 trainer recomputing, with and without the engine's routing), and MTP healing after

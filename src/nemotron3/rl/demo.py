@@ -5,8 +5,9 @@
     r = demo_phase("runs/sft/final", "runs/rl", steps=20, seed=0)   # {"before": {"math_short": 0.3}, "after": ...}
 
 Settings sized for ~1.5 minutes on 2 CPU cores with the tiny byte-level model: G = 8 samples of 4 prompts per step,
-reasoning on (the SFT set teaches "3+8=11, 11-4=7." before the answer), 48 tokens per answer, a learning rate a tiny
-model moves with (the paper's 3e-6 is for billions of parameters), held-out reward over 32 test-split problems x 4
+reasoning on (the SFT set teaches "3+8=11, 11-4=7." before the answer), 48 tokens per answer, lr 1e-4 (measured
+from a 900-step SFT model at held-out reward 0.68: 1e-3 collapsed it to 0.27 in 20 steps, 3e-4 drifted to 0.64,
+1e-4 kept 0.68; the paper's 3e-6 is for billions of parameters), held-out reward over 32 test-split problems x 4
 samples at temperature 1 (seeded: before and after score the same draws). Truncated answers stay in the loss
 (keep_overlong): at 48 tokens a truncated answer is a failure, not a long right one, and with overlong filtering
 the failures that stop get pushed down while those that ramble do not (measured: the truncated share went from 0 to

@@ -74,6 +74,9 @@ class MathVerifier:
             self.close()                                      # a hung or dead worker: start afresh next call
             return False
 
+    def __getstate__(self):
+        return {"timeout_s": self.timeout_s, "_pool": None}     # a copy (e.g. sent to a rollout worker) starts its own
+
     def close(self) -> None:
         if self._pool is not None:
             for p in list(self._pool._processes.values()):   # a hung worker would block shutdown(wait=True)
