@@ -12,7 +12,8 @@ math-verify runs in a worker process, never in the caller: its parse/verify time
 only on a process's main thread; elsewhere older releases silently returned False (a reported math-verify issue)
 and 0.9 raises ValueError, so a rollout scoring from a thread pool would read every right answer as wrong. The
 worker is started on first use, runs each call on its own main thread, and is replaced when a call hangs past
-`timeout_s`.
+`timeout_s`. Inside a daemonic process (an async rollout worker, which may not start children) the call runs on
+that process's own main thread instead, where the timeouts work.
 Left out: the LLM-judge fallback (off in the Nano recipe) and datasets (DAPO, Skywork): pass your own Environment.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import random
+import threading
 from collections.abc import Iterator
 
 from nemotron3.rl.environment import Environment, Task, check_split, split_of
@@ -63,6 +65,11 @@ class MathVerifier:
             except ImportError:
                 raise ImportError("the math environment needs math-verify: pip install 'nemotron3[rl]' "
                                   "(or pip install math-verify)") from None
+            if multiprocessing.current_process().daemon:    # an async rollout worker: it may not have children
+                if threading.current_thread() is not threading.main_thread():
+                    raise RuntimeError("math-verify needs a process's main thread (SIGALRM timeouts) or a child "
+                                       "process; this daemonic process offers neither. Score on its main thread.")
+                return _verify_in_worker(gold, answer, max(1, round(self.timeout_s)))   # its main thread: safe
             self._pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
             # the worker's start (interpreter + sympy import) takes seconds, minutes on a loaded machine: wait for
             # it apart from the per-call timeout, or every call would time out and restart the worker
