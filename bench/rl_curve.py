@@ -10,7 +10,8 @@ skills the tiny byte-level model does not have, so their held-out reward is 0 be
 out of this run. Held-out reward = mean over 32 test-split problems x 4 samples at temperature 1, seeded by the run
 seed, so before / after of one seed score the same draws. Every run: G = 8 samples x 4 prompts per step, reasoning
 on, 48 tokens, lr 1e-4 (the demo's settings, rl/demo.py). Gains are compared with the spread over seeds of the same
-configuration (all numbers from this one run of the script). Writes bench/results/rl_curve.json and .png.
+configuration (all numbers from this one run of the script); rl_seconds = wall-clock of the RL loop (rollouts +
+updates, without the held-out evaluations), mean over seeds. Writes bench/results/rl_curve.json and .png.
 Also measured here: router replay's effect on the train/inference mismatch |logp_train - logp_gen| (a bfloat16
 engine generating, the float32 trainer recomputing, with and without the engine's routing), and MTP healing after
 the first RL run (draft acceptance of the SFT model, of the RL'd model, and after healing its MTP heads).
@@ -94,8 +95,21 @@ def summarize(name: str, runs: list[dict]) -> dict:
     return {"config": name, "before": statistics.mean(r["before"] for r in runs),
             "after": statistics.mean(r["after"] for r in runs), "gain": statistics.mean(gains),
             "gain_std": spread, "gain_over_std": statistics.mean(gains) / spread if spread else float("nan"),
-            "min_gain": min(gains), "seconds": statistics.mean(r["seconds"] for r in runs),
-            "tok_s": statistics.mean(r["rollout_tokens_per_s"] for r in runs)}
+            "min_gain": min(gains), "rl_seconds": statistics.mean(r["wall_s"][-1] for r in runs)}
+
+
+COLUMNS = ["config", "before", "after", "gain", "gain_std", "gain_over_std", "min_gain", "rl_seconds"]
+
+
+def resummarize(path: str) -> None:
+    """Recompute the summary table and the figure from a saved results file (no training)."""
+    with open(path) as f:
+        payload = json.load(f)
+    payload["summary"] = [summarize(name, runs) for name, runs in payload["runs"].items()]
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print_table(payload["summary"], COLUMNS)
+    print(plot(payload["runs"]))
 
 
 def plot(results: dict) -> str:
@@ -120,12 +134,17 @@ def plot(results: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="the SFT'd model directory")
+    p.add_argument("--model", default="", help="the SFT'd model directory")
     p.add_argument("--base", default="", help="the model before SFT (the no-SFT baseline); empty: skipped")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--heal-steps", type=int, default=40, help="MTP healing steps after the first RL run")
+    p.add_argument("--resummarize", default="", help="only redo the table and figure of this results file")
     args = p.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.resummarize)
+    if not args.model:
+        p.error("--model DIR (the SFT'd model) is required")
     models = {"sft": args.model, "base": args.base}
     replay = replay_effect(args.model)
     print(f"router replay, |logp_train - logp_gen| over {replay['tokens']} tokens (bf16 engine, fp32 trainer): "
@@ -147,8 +166,7 @@ def main(argv=None):
                 r = results[name][-1]
                 print(f"{name} seed {seed}: {r['before']:.3f} -> {r['after']:.3f} ({r['seconds']:.0f} s)", flush=True)
     rows = [summarize(name, runs) for name, runs in results.items()]
-    print_table(rows, ["config", "before", "after", "gain", "gain_std", "gain_over_std", "min_gain", "seconds",
-                       "tok_s"])
+    print_table(rows, COLUMNS)
     heal = results["sync, IS mask"][0]["heal"]
     print(f"MTP draft acceptance: SFT model {acceptance_sft:.3f}, after RL {heal['before']:.3f}, after healing "
           f"{heal['after']:.3f}")
