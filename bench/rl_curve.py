@@ -1,7 +1,7 @@
 """Does GRPO improve the SFT'd tiny model? Held-out reward before / after N steps of `nemotron3 rl`, 3 seeds each, for
 sync vs async rollouts, masked importance sampling vs none, and RL from the model before SFT ("no SFT first").
 
-    python bench/rl_curve.py --model runs/sft/final --base /work/models/demo/final      # ~20 min on 2 busy cores
+    python bench/rl_curve.py --model runs/sft/final --base /work/models/demo/final      # 14 min on 2 busy cores
     python bench/rl_curve.py --model runs/sft/final --steps 10 --seeds 2                # quicker
 
 Environment: math_short ("3+8-4=?", the built-in SFT set's arithmetic form, reward 1 when math-verify accepts the
