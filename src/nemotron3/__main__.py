@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "sft", "plot", "eval", "plan", "export")
+COMMANDS = ("info", "generate", "chat", "serve", "demo", "train", "sft", "rl", "plot", "eval", "plan", "export")
 
 
 class UserError(Exception):
@@ -345,8 +345,8 @@ def main(argv=None):
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "serve": serve_main,
                "demo": demo_main, "train": _lazy("train.pretrain"), "sft": _lazy("train.sft"),
-               "plot": _lazy("train.plot"), "eval": _lazy("eval"), "plan": _lazy("train.plan"),
-               "export": _lazy("train.checkpointing")}[argv[0]]
+               "rl": _lazy("rl.train"), "plot": _lazy("train.plot"), "eval": _lazy("eval"),
+               "plan": _lazy("train.plan"), "export": _lazy("train.checkpointing")}[argv[0]]
     from .checkpoint import CheckpointError
     try:
         handler(argv[1:])

@@ -35,3 +35,18 @@ def experts_ref(x, routing, up, down):
         for e, w in weights.items():
             y[t] += w * (down[e] @ torch.relu(up[e] @ x[t]) ** 2)
     return y
+
+
+def replay_ref(x, W, ids, norm, scale):
+    """Router replay: x (T, d), forced expert ids (T, K) -> per token {expert: weight}, the weights being the
+    router's sigmoid scores of exactly those experts (normalised if norm, times scale)."""
+    x, W = x.double(), W.double()
+    out = []
+    for t in range(x.shape[0]):
+        s = torch.sigmoid(W @ x[t])
+        w = {int(e): s[int(e)].item() for e in ids[t]}
+        if norm:
+            tot = sum(w.values()) + 1e-20
+            w = {e: v / tot for e, v in w.items()}
+        out.append({e: v * scale for e, v in w.items()})
+    return out

@@ -249,3 +249,18 @@ def test_tools_bad_calls_get_error_messages_and_turns_are_capped():
     assert all(r["role"] == "tool" for r in replies)
     call = {"role": "assistant", "content": "", "tool_calls": [{"name": "list_items", "arguments": {}}]}
     assert not env.done(task, [call]) and env.done(task, [call, {"role": "tool", "content": "{}"}, call])
+
+
+def test_math_short_asks_in_the_sft_sets_form_and_survives_pickling():
+    import pickle
+    from nemotron3.rl.envs.math import ShortMathEnv
+    env = ShortMathEnv()
+    for task in islice(env.tasks("train", 1), 5):
+        q = task.messages[0]["content"]
+        assert re.fullmatch(r"\d[+-]\d[+-]\d=\?", q) and task.data["answer"] == str(_arith(" ".join(q[:-2])))
+        assert env.score(task, f" {task.data['answer']}\n") == 1.0
+        assert env.score(task, str(int(task.data["answer"]) + 1)) == 0.0
+    copy = pickle.loads(pickle.dumps(env))          # what an async rollout worker receives, its verifier started
+    assert copy.score(Task([], {"answer": "7"}), "7") == 1.0
+    env.verifier.close()
+    copy.verifier.close()

@@ -15,6 +15,9 @@ balancing) and expert parallelism can replace `routed_experts` (tokens -> expert
 In training mode each MoE layer adds its (token, slot) assignments per expert to the buffer `tokens_per_expert`
 (torchtitan's name), which the trainer reads and zeroes once per optimizer step for the bias update; a forward
 that needs the routing itself (the sequence aux loss) passes a dict `routing` that receives {layer_idx: RouterOutput}.
+Router replay (RL): a `Routing` dict may also carry forced expert ids per layer; the layer then uses those top-K ids
+instead of its own choice, with weights still computed from its router scores over them (so the router stays in the
+graph), and the trainer recomputes log-probabilities with the experts the inference engine routed each token to.
 Nothing is switched on or left behind on the modules between calls.
 Expert weights are fused 3-D parameters, experts.up_proj (E, m, L) and experts.down_proj (E, L, m), as in HF's
 memory layout; checkpoint.py maps them to the per-expert keys on disk. The dispatch loops over experts that got
@@ -40,6 +43,15 @@ class RouterOutput:
     scores_TE: torch.Tensor     # sigmoid scores (uncorrected), float32, for balancing losses and statistics
 
 
+class Routing(dict):
+    """A `routing` dict ({layer_idx: RouterOutput} of one forward) that may also force the choice of experts:
+    replay {layer_idx: ids_TK} (router replay; layers not in it route as usual)."""
+
+    def __init__(self, replay: dict[int, torch.Tensor] | None = None):
+        super().__init__()
+        self.replay = replay or {}
+
+
 class TopKRouter(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -49,8 +61,11 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, forced_ids_TK: torch.Tensor | None = None) -> RouterOutput:
+        """forced_ids_TK (T, K): use these experts instead of the top-K choice (router replay)."""
         scores_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+        if forced_ids_TK is not None:
+            return self._weights(scores_TE, forced_ids_TK.to(x_TD.device, torch.long))
         choice_TE = scores_TE + self.e_score_correction_bias.float()
         if self.n_group > 1:    # keep the topk_group groups whose top-2 choice scores sum highest
             groups = choice_TE.unflatten(-1, (self.n_group, -1))                      # (T, n_group, E/n_group)
@@ -58,7 +73,9 @@ class TopKRouter(nn.Module):
             keep = torch.zeros_like(group_score, dtype=torch.bool)
             keep.scatter_(1, group_score.topk(self.topk_group, dim=-1, sorted=False).indices, True)
             choice_TE = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
-        ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        return self._weights(scores_TE, choice_TE.topk(self.top_k, dim=-1, sorted=False).indices)
+
+    def _weights(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> RouterOutput:
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
@@ -151,7 +168,7 @@ class MoE(nn.Module):
                              persistent=False)
 
     def route(self, x_TD: torch.Tensor, routing: dict | None = None) -> RouterOutput:
-        r = self.gate(x_TD)
+        r = self.gate(x_TD, routing.replay.get(self.layer_idx) if isinstance(routing, Routing) else None)
         if routing is not None:
             routing[self.layer_idx] = r
         # count once per token: not again when activation checkpointing recomputes this layer inside backward

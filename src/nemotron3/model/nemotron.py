@@ -27,7 +27,7 @@ from .latent_moe import build_moe
 from .loss import fused_linear_cross_entropy
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
-from .moe import Experts, RouterOutput, TopKRouter
+from .moe import Experts, RouterOutput, Routing, TopKRouter
 from .mtp import MultiTokenPrediction
 from .norm import RMSNorm
 
@@ -207,7 +207,8 @@ class NemotronForCausalLM(nn.Module):
                 cache: HybridCache | None = None, *, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
                 loss_reduction: str = "mean", logits_to_keep: int = 0, mtp_depths: int = 0,
-                return_router: bool = False, keep_mamba_states: bool = False) -> NemotronOutput:
+                return_router: bool = False, keep_mamba_states: bool = False,
+                routed_experts: torch.Tensor | None = None) -> NemotronOutput:
         """input_ids (b, L). attention_mask (b, L), or (b, cached + L) as HF generate passes it; 1 = token,
         0 = left padding. With `cache`, row r's tokens continue its cached sequence at position cache.pos[r] and the
         cache is advanced. logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D
@@ -223,7 +224,10 @@ class NemotronForCausalLM(nn.Module):
         causal, every Mamba layer restarts its conv window and state, MTP and the loss never cross a boundary, so
         each sequence comes out as if run alone (no cache; the model has no positional encoding to feed).
         keep_mamba_states=True (with a cache): Mamba layers run token by token and .mamba_states holds their states
-        after every token, so a speculative verifier can keep any prefix (HybridCache.keep_prefix)."""
+        after every token, so a speculative verifier can keep any prefix (HybridCache.keep_prefix).
+        routed_experts (b, L, MoE layers, K) integer (router replay, RL): the experts each position is sent to in the
+        main model's MoE layers (in layer order, as the engine's Result.routed_experts records them) instead of the
+        routers' own top-K choice; the combine weights still come from the router scores of those experts."""
         b, L = self._check_inputs(input_ids, cache)
         mask = self._new_token_mask(attention_mask, b, L)
         if labels is not None and labels.shape != input_ids.shape:
@@ -250,6 +254,7 @@ class NemotronForCausalLM(nn.Module):
             pos = cache.reserve(L, mask)
             if (self._compiled_decode is not None and L <= self.COMPILED_MAX_TOKENS and mask is None
                     and cache.valid is None and labels is None and not mtp_depths and not return_router
+                    and routed_experts is None
                     and logits_to_keep in (0, L)):
                 states = [cache.layer_state(i) for i in range(self.config.num_hidden_layers)]
                 logits, h, mamba = self._compiled_decode(input_ids, pos, states, keep_mamba_states)
@@ -259,6 +264,8 @@ class NemotronForCausalLM(nn.Module):
             span = (int(lo), int(hi))                                               # one host sync per forward
 
         routing = {} if return_router else None    # MoE layer index -> RouterOutput (MTP layers: index >= n)
+        if routed_experts is not None:
+            routing = Routing(self._replay(routed_experts, b, L))
         mamba_states = {} if keep_mamba_states else None
         h = self.backbone(input_ids, mask, cache, pos, span, mamba_states, seq_idx, routing)
         if cache is not None:
@@ -282,8 +289,17 @@ class NemotronForCausalLM(nn.Module):
                     loss_k, acc_k = head_loss(hk, k + 1)
                     out.mtp_losses.append(loss_k)
                     out.mtp_accuracies.append(acc_k)
-        out.router = routing or {}
+        out.router = (routing or {}) if return_router else {}
         return out
+
+    def _replay(self, routed_experts: torch.Tensor, b: int, L: int) -> dict[int, torch.Tensor]:
+        """{MoE layer index: (b*L, K) forced expert ids} from (b, L, MoE layers, K)."""
+        layers = [i for i, kind in enumerate(self.config.layers_block_type) if kind == "moe"]
+        K = self.config.num_experts_per_tok
+        if routed_experts.shape != (b, L, len(layers), K) or routed_experts.is_floating_point():
+            raise ValueError(f"routed_experts must be an integer tensor (batch, tokens, MoE layers, top-k) = "
+                             f"{(b, L, len(layers), K)}; got {routed_experts.dtype} {tuple(routed_experts.shape)}.")
+        return {layer: routed_experts[:, :, j].reshape(b * L, K) for j, layer in enumerate(layers)}
 
     @staticmethod
     def _new_token_mask(attention_mask, b: int, L: int):

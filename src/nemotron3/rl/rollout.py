@@ -80,6 +80,9 @@ class Trajectory:
     """Model turns (1 for a single-turn environment)."""
     messages: list[dict]
     """The conversation as the environment saw it (task messages, assistant turns, tool replies)."""
+    routed_experts: torch.Tensor | None = None
+    """With return_routed_experts: (len(ids) - 1, MoE layers, K) the experts the engine routed each token it read
+    to (the last turn's request covers every earlier one: its prompt is the whole episode so far)."""
 
     @property
     def ids(self) -> list[int]:
@@ -114,6 +117,7 @@ class _Episode:
         self.turns = 0
         self.finish: str | None = None
         self.completion, self.score = "", None
+        self.routed_experts = None
 
     def append(self, ids: list[int], generated: bool, logprobs=None, versions=None) -> None:
         self.ids += ids
@@ -124,7 +128,8 @@ class _Episode:
     def trajectory(self, score) -> Trajectory:
         return Trajectory(self.prompt_ids, self.ids, self.mask, self.logprobs, self.versions, reward_of(score),
                           dict(score) if isinstance(score, dict) else {}, self.env.name, self.task, self.group,
-                          self.sample, self.finish, self.turns, self.messages)
+                          self.sample, self.finish, self.turns, self.messages,
+                          self.routed_experts)
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool, thinking: bool, tools) -> str:
@@ -157,7 +162,7 @@ class RolloutRunner:
 
     def __init__(self, engine, tokenizer, *, sampling: SamplingParams | None = None, max_tokens: int = 512,
                  max_turns: int = 8, thinking: bool = False, stop: list[str] | tuple = (),
-                 stop_token_ids: list[int] | tuple = ()):
+                 stop_token_ids: list[int] | tuple = (), return_routed_experts: bool = False):
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens!r} must be a positive integer (model tokens per turn).")
         if not isinstance(max_turns, int) or max_turns < 1:
@@ -166,6 +171,7 @@ class RolloutRunner:
         self.sampling = sampling or SamplingParams(temperature=1.0, top_p=1.0)
         self.max_tokens, self.max_turns, self.thinking = max_tokens, max_turns, thinking
         self.stop, self.stop_token_ids = list(stop), list(stop_token_ids)
+        self.return_routed_experts = return_routed_experts
         self.requests: dict[int, tuple] = {}      # engine request id -> (its episodes by sample, results still due)
         self.groups: dict[int, list[_Episode]] = {}
         self._next_group = 0
@@ -228,13 +234,15 @@ class RolloutRunner:
         if sampling.seed is not None:       # a seeded batch replays exactly: each (group, sample, turn) its stream
             sampling = replace(sampling, seed=hash((sampling.seed, ep.group, ep.sample, ep.turns)) & (2 ** 63 - 1))
         rid = self.engine.add_request(Request(prompt, max_tokens, sampling, stop=self.stop, logprobs=0,
-                                              stop_token_ids=self.stop_token_ids, thinking=self.thinking, n=n))
+                                              stop_token_ids=self.stop_token_ids, thinking=self.thinking, n=n,
+                                              return_routed_experts=self.return_routed_experts))
         self.requests[rid] = (episodes, n)
 
     def _turn_done(self, ep: _Episode, result) -> None:
         ep.turns += 1
         ep.append(result.token_ids, True, result.sampled_logprobs.tolist(), result.versions)
         ep.finish = result.finish_reason
+        ep.routed_experts = result.routed_experts
         content, calls = result.content, []
         if ep.env.multi_turn:
             try:
@@ -319,6 +327,8 @@ class RolloutConfig:
     """Async: the rollout worker's weights, float32 or bfloat16 (the SSM state stays float32 either way)."""
     threads: int = 1
     """Async: torch threads of each rollout worker on CPU."""
+    return_routed_experts: bool = False
+    """Record the experts each token was routed to (Trajectory.routed_experts), for router replay in training."""
     num_workers: int = 1
     """Async: rollout workers (processes or Ray actors), each with its own model copy and engine; a new task goes
     to the one with the fewest in hand."""
@@ -361,7 +371,7 @@ def policy_weights(model) -> list[tuple[str, torch.Tensor]]:
 def runner_for(engine, tokenizer, config: RolloutConfig) -> RolloutRunner:
     return RolloutRunner(engine, tokenizer, sampling=config.sampling, max_tokens=config.max_tokens,
                          max_turns=config.max_turns, thinking=config.thinking, stop=config.stop,
-                         stop_token_ids=config.stop_token_ids)
+                         stop_token_ids=config.stop_token_ids, return_routed_experts=config.return_routed_experts)
 
 
 def environments(envs: dict) -> dict[str, Environment]:

@@ -1,0 +1,91 @@
+"""The GRPO training loop on the shared Trainer. Oracles: the uninterrupted run itself for resume (a run stopped after
+a checkpoint and resumed must give bit-identical weights and per-step metrics), the versions the loop pushed (async
+staleness: every token at most max_age versions old), the frozen tensors' values before the run (the routers get no
+gradient), and hand-written expected messages for bad command-line input."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nemotron3.__main__ import main as cli
+from nemotron3.rl.train import GRPOConfig, train_rl
+
+WORDS = "tests.rl.test_rollout:Words"        # reward = words in the answer: any completion scores
+SMALL = dict(preset="tiny", env=WORDS, group_size=2, prompts_per_step=2, max_tokens=6, task_pool=16, lr=1e-3,
+             warmup_steps=0, save_every=2, seed=3, keep_overlong=True)   # a random model never stops
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(step):
+    """A log that dies (like a killed process) when step `step` is reported, i.e. after step - 1 was saved."""
+    def log(line):
+        if line.startswith(f"step {step}/"):
+            raise Stop
+    return log
+
+
+def metrics(run):
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    timing = ("tokens_per_s", "rollout_s", "wall_s", "rollout_tokens_per_s")
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train_rl(GRPOConfig(out=a, max_steps=4, **SMALL), log=lambda *_: None)
+    with pytest.raises(Stop):
+        train_rl(GRPOConfig(out=b, max_steps=4, **SMALL), log=stop_at(3))
+    assert metrics(b)[-1]["step"] == 3                      # step 3 was logged, its checkpoint never written
+    train_rl(GRPOConfig(out=b, max_steps=4, resume=True, **SMALL), log=lambda *_: None)
+    wa, wb = load_file(os.path.join(a, "final", "model.safetensors")), load_file(os.path.join(b, "final",
+                                                                                               "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert metrics(a) == metrics(b)
+    assert all(r["loss_tokens"] > 0 for r in metrics(a)) and any(r["pg_loss"] != 0 for r in metrics(a))
+
+
+def test_routers_frozen_and_expert_bias_moving(tmp_path):
+    from nemotron3 import NemotronForCausalLM, from_preset
+    torch.manual_seed(3)
+    start = NemotronForCausalLM(from_preset("tiny")).state_dict()
+    out = str(tmp_path / "r")
+    train_rl(GRPOConfig(out=out, max_steps=2, **SMALL), log=lambda *_: None)
+    end = load_file(os.path.join(out, "final", "model.safetensors"))
+    routers = [k for k in end if k.endswith("gate.weight")]
+    biases = [k for k in end if k.endswith("e_score_correction_bias") and not k.startswith("mtp")]
+    assert routers and all(torch.equal(end[k], start[k]) for k in routers)
+    assert any(not torch.equal(end[k], start[k]) for k in biases)          # aux-loss-free balancing stays on
+    assert any(not torch.equal(end[k], start[k]) for k in end if "mixer.in_proj" in k)
+
+
+def test_async_run_trains_on_tokens_at_most_max_age_versions_old(tmp_path):
+    out = str(tmp_path / "async")
+    train_rl(GRPOConfig(out=out, max_steps=3, async_rollouts=True, max_age=1, **SMALL), log=lambda *_: None)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0 <= r["max_age"] <= 1 for r in rows)
+    assert rows[-1]["max_age"] == 1             # the steps after the first really overlap generation and training
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env", "nosuch"], "neither a built-in"),
+    (["--env", "nosuch_module_xyz:Env"], "cannot import module"),
+    (["--env", "math", "--env-weights", "1,2"], "give 1 non-negative numbers"),
+    (["--env", "math,math"], "named twice"),
+    (["--is-correction", "clip"], "use none, tis or mask"),
+    (["--is-bounds", "5,1"], "need 0 <= lo < hi"),
+    (["--is-bounds", "x"], "write lo,hi"),
+    (["--group-size", "1"], "needs >= 2 samples"),
+    (["--grad-accum", "2"], "one micro-batch per step"),
+    (["--mtp-train", "sometimes"], "use detached or frozen"),
+])
+def test_bad_flags_are_rejected_with_one_clear_line(tmp_path, capsys, flags, message):
+    rc = cli(["rl", "--out", str(tmp_path / "x"), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
