@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..chat_format import END_OF_TURN, ToolCall, ToolCallError, parse_tool_calls
+from ..chat_format import END_OF_TURN, IM_START, ToolCall, ToolCallError, parse_tool_calls
 
 REASONING_TASKS = ("arithmetic", "follow_up")
 """Tasks whose answer needs the worked steps (the budget and thinking on/off measure these)."""
@@ -83,9 +83,10 @@ class Reply:
 
 
 def run_items(engine, tokenizer, items: list[EvalItem], thinking: bool = True, budget: int | None = None,
-              max_tokens: int = 160, batch: int = 64) -> list[Reply]:
+              max_tokens: int = 160, batch: int = 64, budget_grace: int = 0) -> list[Reply]:
     """Greedy replies to every item under one setting (thinking on / off, budget in thinking tokens or None),
-    generated `batch` at a time, each graded. 160 tokens: a byte-level tool call is ~130."""
+    generated `batch` at a time, each graded. 160 tokens: a byte-level tool call is ~130. budget_grace 0: the
+    thought is cut at exactly `budget` tokens (the built-in thoughts have no newline to wait for)."""
     from ..infer import Request
     prompts = [tokenizer.apply_chat_template(it.messages, tools=it.tools, add_generation_prompt=True,
                                              enable_thinking=thinking) for it in items]
@@ -93,7 +94,8 @@ def run_items(engine, tokenizer, items: list[EvalItem], thinking: bool = True, b
     replies = []
     for s in range(0, len(items), batch):
         reqs = [Request(tokenizer.encode(p), max_tokens, stop=stop, thinking=thinking,
-                        reasoning_budget=budget if thinking else None) for p in prompts[s:s + batch]]
+                        reasoning_budget=budget if thinking else None, budget_grace=budget_grace)
+                for p in prompts[s:s + batch]]
         for it, p, res in zip(items[s:s + batch], prompts[s:s + batch], engine.generate(reqs)):
             replies.append(Reply(it, p, res, grade(it, res.content)))
     return replies
@@ -116,7 +118,7 @@ def transcript(reply: Reply, width: int = 110) -> str:
     question = next(m["content"] for m in reversed(reply.item.messages) if m["role"] in ("user", "tool"))
     want = reply.item.answer if reply.item.kind == "answer" else \
         f"{reply.item.call.name}({', '.join(f'{k}={v!r}' for k, v in reply.item.call.arguments.items())})"
-    text = reply.result.text.split(END_OF_TURN)[0]
-    gen = reply.prompt[reply.prompt.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):] + text
+    header = f"{IM_START}assistant\n"
+    gen = reply.prompt[reply.prompt.rindex(header) + len(header):] + reply.result.text.split(END_OF_TURN)[0]
     line = f"  [{'right' if reply.right else 'wrong'}] {question!r} -> {gen!r}   (want {want})"
     return line if len(line) <= width * 3 else line[:width * 3 - 3] + "..."
