@@ -74,6 +74,9 @@ def measure(args) -> dict:
     """One variant, in this process."""
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
+    Ws = torch.randn(64, args.d, generator=g).to(dev).requires_grad_()       # warm-up: kernels and thread pools load
+    head_losses(args.variant, [torch.randn(64, args.d, device=dev, requires_grad=True)], Ws,
+                [torch.randint(0, 64, (64,), device=dev)]).backward()
     W = (torch.randn(args.V, args.d, generator=g) * 0.02).to(dev).requires_grad_()
     hs = [torch.randn(args.n, args.d, generator=g).to(dev).requires_grad_() for _ in range(1 + args.depths)]
     ys = [torch.randint(0, args.V, (args.n,), generator=g).to(dev) for _ in hs]
@@ -93,8 +96,8 @@ def measure(args) -> dict:
         head_losses(args.variant, hs, W, ys).backward()
         sync()
 
-    # memory first, on the process's first step: CPU peak RSS only rises, and tensors this large are mmap'ed and
-    # returned on free, so the resident set tracks the live tensors
+    # memory first, on the process's first full-size step (after a small warm-up): CPU peak RSS only rises, and
+    # tensors this large are mmap'ed and returned on free, so the resident set tracks the live tensors
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
