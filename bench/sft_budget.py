@@ -41,11 +41,11 @@ def settings(budgets):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default=None, help="a pretrained model (default: pretrain the demo's base first)")
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--sft-steps", type=int, default=120)
+    p.add_argument("--pretrain-steps", type=int, default=900)
+    p.add_argument("--sft-steps", type=int, default=150)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--conversations", type=int, default=200, help="held-out conversations (~40%% are reasoning tasks)")
-    p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 4, 6, 8, 12, 16])
+    p.add_argument("--conversations", type=int, default=120, help="held-out conversations (~40%% are reasoning tasks)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[0, 2, 4, 8, 12])
     args = p.parse_args()
     tok = ByteTokenizer()
     quiet = lambda *_: None                                                     # noqa: E731
