@@ -45,8 +45,8 @@ def sft_config(model_dir: str, out: str, steps: int, seed: int = 0):
     """The demo's SFT recipe (8 packed rows of 576 tokens a step, lr 3e-3, the Nano budget-control shares)."""
     from .train.sft import SFTConfig
     return SFTConfig(model=model_dir, out=out, max_steps=steps, seq_len=576, batch_size=8, lr=3e-3, warmup_steps=5,
-                     builtin_size=steps * 8 * 3, heldout=16, eval_batches=1, save_every=steps, eval_every=steps,
-                     seed=seed)
+                     builtin_size=max(400, steps * 8 * 3), heldout=16, eval_batches=1, save_every=steps,
+                     eval_every=steps, seed=seed)
 
 
 def pct(share: float | None) -> str:
@@ -110,8 +110,8 @@ def main(argv=None):
     _clear(args.out)
     t0 = time.perf_counter()
     pre = pretrain_config(os.path.join(args.out, "pretrain"), args.max_steps, args.preset)
-    print(f"1. pretraining {pre.max_steps} steps x {pre.batch_size * pre.seq_len} tokens on the built-in corpus (half of it "
-          f"chat-format conversations: arithmetic with <think> steps, lookups, tool calls; the rest retrieval and "
+    print(f"1. pretraining {pre.max_steps} steps x {pre.batch_size * pre.seq_len} tokens on the built-in corpus (half "
+          f"of it chat-format conversations: arithmetic with <think> steps, lookups, tool calls; the rest retrieval and "
           f"prose), MTP loss on, expert balancing on")
     base = train(pre)
     last = read_last_metrics(pre.out)
