@@ -111,8 +111,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     pre = pretrain_config(os.path.join(args.out, "pretrain"), args.max_steps, args.preset)
     print(f"1. pretraining {pre.max_steps} steps x {pre.batch_size * pre.seq_len} tokens on the built-in corpus (half "
-          f"of it chat-format conversations: arithmetic with <think> steps, lookups, tool calls; the rest retrieval and "
-          f"prose), MTP loss on, expert balancing on")
+          f"of it chat-format conversations: arithmetic with <think> steps, lookups, tool calls; the rest retrieval "
+          f"and prose), MTP loss on, expert balancing on")
     base = train(pre)
     last = read_last_metrics(pre.out)
     print(f"held-out loss {last['eval_loss']:.3f} nats/byte; next-byte accuracy {last['eval_accuracy']:.1%}" + "".join(
