@@ -45,7 +45,7 @@ def main():
     p.add_argument("--sft-steps", type=int, default=150)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--conversations", type=int, default=120, help="held-out conversations (~40%% are reasoning tasks)")
-    p.add_argument("--budgets", type=int, nargs="+", default=[0, 2, 4, 8, 12])
+    p.add_argument("--budgets", type=int, nargs="+", default=[0, 4, 8, 12, 16])
     args = p.parse_args()
     tok = ByteTokenizer()
     quiet = lambda *_: None                                                     # noqa: E731

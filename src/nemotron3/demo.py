@@ -45,7 +45,7 @@ def sft_config(model_dir: str, out: str, steps: int, seed: int = 0):
     """The demo's SFT recipe (8 packed rows of 576 tokens a step, lr 3e-3, the Nano budget-control shares)."""
     from .train.sft import SFTConfig
     return SFTConfig(model=model_dir, out=out, max_steps=steps, seq_len=576, batch_size=8, lr=3e-3, warmup_steps=5,
-                     builtin_size=max(400, steps * 8 * 3), heldout=16, eval_batches=1, save_every=steps,
+                     builtin_size=max(400, steps * 8 * 3), heldout=32, eval_batches=1, save_every=steps,
                      eval_every=steps, seed=seed)
 
 
