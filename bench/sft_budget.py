@@ -11,6 +11,10 @@ the engine (train/chat_eval.py) with thinking off (the prompt ends "<think></thi
 tokens (the engine forces ".\\n</think>\\n\\n" at N, exactly: no grace), and unlimited. Reported per setting: mean
 and spread (min / max) of the accuracy over seeds, and the mean thinking tokens used. The reference thoughts are
 7-20 bytes ("3+8=11, 11-4=7."), so budgets past ~20 are the same as none. Writes bench/results/sft_budget.json/.png.
+Measured (base: the demo's 900-step pretraining, seed 0; SFT seeds 0-2; 52 items): thinking off 7%, budgets 0 / 4 /
+8 about 4%, 12: 12%, 16: 28%, unlimited 34% (31-40%) at 12.3 thinking tokens: accuracy comes only with the whole
+worked sum; a cut thought is worse than none, since 3% truncated samples teach little at 150 SFT steps. 17 min on 2
+loaded cores (one thread).
 """
 
 from __future__ import annotations
