@@ -13,8 +13,8 @@ and spread (min / max) of the accuracy over seeds, and the mean thinking tokens 
 7-20 bytes ("3+8=11, 11-4=7."), so budgets past ~20 are the same as none. Writes bench/results/sft_budget.json/.png.
 Measured (base: the demo's 900-step pretraining, seed 0; SFT seeds 0-2; 52 items): thinking off 7%, budgets 0 / 4 /
 8 about 4%, 12: 12%, 16: 28%, unlimited 34% (31-40%) at 12.3 thinking tokens: accuracy comes only with the whole
-worked sum; a cut thought is worse than none, since 3% truncated samples teach little at 150 SFT steps. 17 min on 2
-loaded cores (one thread).
+worked sum, and a cut thought does worse than thinking off (only 3% of SFT samples are truncated: a few dozen in 150
+steps). 17 min on 2 loaded cores (one thread).
 """
 
 from __future__ import annotations
