@@ -65,16 +65,20 @@ def test_bad_input_is_one_clear_line(argv, match, capsys):
     assert match in err and "Traceback" not in err and err.count("\n") == 1
 
 
-def test_demo_trains_evaluates_and_reports(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "6"]) == 0
+def test_demo_pretrains_fine_tunes_evaluates_and_reports(tmp_path, capsys):
+    small = ["--max-steps", "4", "--sft-steps", "2", "--eval-conversations", "6"]
+    assert main(["demo", "--out", str(tmp_path / "demo")] + small) == 0
     out = capsys.readouterr().out
-    for text in ("parameters active per token", "held-out loss", "unigram baseline", "MTP depth 2 accuracy",
-                 "held-out additions answered right", "training.png"):
+    for text in ("parameters active per token", "1. pretraining", "MTP depth 2 accuracy", "2. SFT",
+                 "held-out assistant-token loss", "thinking on", "thinking off", "budget 4", "budget 8",
+                 "well-formed call with the right arguments", "transcripts", "whole demo", "training.png"):
         assert text in out, text
-    assert (tmp_path / "demo" / "final" / "model.safetensors").exists()
+    for phase in ("pretrain", "sft", ""):
+        assert (tmp_path / "demo" / phase / "final" / "model.safetensors").exists(), phase
+    assert main(["demo", "--out", str(tmp_path / "demo")] + small) == 0           # replaces its own earlier run
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "precious.txt").write_text("x")
-    assert main(["demo", "--out", str(tmp_path / "other"), "--max-steps", "2"]) == 2     # never deletes a non-run
+    assert main(["demo", "--out", str(tmp_path / "other")] + small) == 2     # never deletes a non-run
     assert (tmp_path / "other" / "precious.txt").exists()
 
 

@@ -4,7 +4,7 @@
     nemotron3 generate --preset tiny --prompt "Hello"     # random weights; --model DIR for a checkpoint
     nemotron3 chat --model runs/demo/final                # interactive, streaming, thinking shown dimmed
     nemotron3 serve --model runs/demo/final --port 8000   # OpenAI-compatible server (continuous batching)
-    nemotron3 demo                                        # what `make demo` runs
+    nemotron3 demo                                        # what `make demo` runs: pretrain -> SFT -> eval
     nemotron3 train --preset tiny --out runs/tiny --max-steps 300 --save-every 100 [--resume]
     nemotron3 sft --model runs/demo/final --data builtin --out runs/sft   # fine-tune on conversations
     torchrun --nproc_per_node 4 -m nemotron3 train --preset tiny --ep 2   # FSDP2 + expert parallel (dp 2 x ep 2)
@@ -280,53 +280,6 @@ def serve_main(argv):
     return 0
 
 
-def demo_main(argv):
-    """What `make demo` runs: train the tiny hybrid LatentMoE + MTP model on the built-in corpus (~2 min on 2 CPU
-    cores), then evaluate it against the unigram baseline and on held-out additions, and show a few answers."""
-    import shutil
-
-    import torch
-
-    from . import NemotronForCausalLM, from_preset
-    from .tokenizer import ByteTokenizer
-    from .train.data import arithmetic_accuracy, arithmetic_prompts, builtin_tokens, unigram_entropy
-    from .train.pretrain import TrainConfig, read_last_metrics, train
-    p = argparse.ArgumentParser(prog="nemotron3 demo", description=demo_main.__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny", help="architecture to train (default tiny)")
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="run directory (replaced if it is a run)")
-    p.add_argument("--max-steps", type=int, default=900, help="training steps of 8 x 256 tokens (default 900)")
-    args = p.parse_args(argv)
-    config = from_preset(args.preset)
-    print(describe(config, args.preset), "\n")
-    if os.path.isdir(args.out) and os.listdir(args.out):
-        if not os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-            raise UserError(f"--out {args.out} exists and is not a training run; choose another directory.")
-        shutil.rmtree(args.out)                     # the previous demo run
-    cfg = TrainConfig(preset=args.preset, out=args.out, max_steps=args.max_steps, save_every=args.max_steps,
-                      seq_len=256, batch_size=8, eval_every=max(1, args.max_steps // 3), lr=3e-3,
-                      train_tokens=args.max_steps * 8 * 256 + 10_000)
-    print(f"training {args.max_steps} steps x {cfg.batch_size * cfg.seq_len} tokens on the built-in corpus "
-          f"(arithmetic with <think> steps, key-value retrieval, prose), MTP loss on, expert balancing on")
-    final = train(cfg)
-    model = NemotronForCausalLM.from_pretrained(final)
-    tok = ByteTokenizer()
-    last = read_last_metrics(args.out)
-    unigram = unigram_entropy(builtin_tokens(tok, cfg.train_tokens, cfg.seed), tok.vocab_size)
-    print(f"\nheld-out loss {last['eval_loss']:.3f} nats/byte vs {unigram:.3f} for the unigram baseline; next-byte "
-          f"accuracy {last['eval_accuracy']:.1%}" + "".join(
-              f", MTP depth {k} accuracy {last[f'eval_mtp{k}_accuracy']:.1%}" for k in (1, 2)
-              if f"eval_mtp{k}_accuracy" in last))
-    acc = arithmetic_accuracy(model, tok, n=50)
-    print(f"held-out additions answered right: {acc:.0%} (greedy, after the model's own <think> steps)")
-    for prompt, answer in arithmetic_prompts(3, seed=1):
-        ids = torch.tensor([tok.encode(prompt)])
-        text = tok.decode(model.generate(ids, max_new_tokens=40, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist())
-        print(f"  {(prompt + text).strip()!r}   (true answer {answer})")
-    print(f"model: {final}   plots: {os.path.join(args.out, 'training.png')}   metrics: "
-          f"{os.path.join(args.out, 'metrics.jsonl')}")
-    print(f"next: nemotron3 chat --model {final}   or   nemotron3 serve --model {final}")
-
-
 def _lazy(module: str):
     """A command's main(argv), imported only when that command runs (`generate` does not pay for the trainer)."""
     def run(argv):
@@ -344,7 +297,7 @@ def main(argv=None):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     handler = {"info": info_main, "generate": generate_main, "chat": chat_main, "serve": serve_main,
-               "demo": demo_main, "train": _lazy("train.pretrain"), "sft": _lazy("train.sft"),
+               "demo": _lazy("demo"), "train": _lazy("train.pretrain"), "sft": _lazy("train.sft"),
                "rl": _lazy("rl.train"), "plot": _lazy("train.plot"), "eval": _lazy("eval"),
                "plan": _lazy("train.plan"), "export": _lazy("train.checkpointing")}[argv[0]]
     from .checkpoint import CheckpointError

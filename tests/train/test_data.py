@@ -38,6 +38,19 @@ def test_arithmetic_documents_are_correct():
         assert a + b == ans
 
 
+def test_chat_share_mixes_in_the_sft_conversations_in_the_chat_format():
+    from nemotron3.chat_format import normalize_messages, render_chat
+    from nemotron3.train.sft_data import builtin_records
+    assert take(builtin_documents(0, chat_share=0.0), 50) == take(builtin_documents(0), 50)   # default unchanged
+    docs = take(builtin_documents(0, chat_share=0.5), 2000)
+    records = builtin_records(2000, seed=0)
+    chats = [d for d in docs if d in {render_chat(*normalize_messages(r["messages"], r.get("tools")))
+                                      for r in records}]
+    assert 0.45 < len(chats) / len(docs) < 0.55                         # the share, within ~4 standard deviations
+    assert chats == [render_chat(*normalize_messages(r["messages"], r.get("tools"))) for r in records[:len(chats)]]
+    assert any("<tool_call>" in d for d in chats)
+
+
 def test_builtin_tokens_separate_documents_with_eos():
     tok = ByteTokenizer()
     t = builtin_tokens(tok, 5000, seed=0)

@@ -1,17 +1,23 @@
 """SFT on the shared trainer. Oracles: per-token cross-entropy from a full forward's float64 log-softmax, averaged
-per conversation by a Python loop (the conversation normalisation); an uninterrupted run (resume)."""
+per conversation by a Python loop (the conversation normalisation); an uninterrupted run (resume after a real
+SIGKILL); hand-written bad records and flags (one clear error line)."""
 
 import json
-import shutil
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from nemotron3 import NemotronForCausalLM, from_preset
+from nemotron3.__main__ import main as cli
 from nemotron3.tokenizer import ByteTokenizer
 from nemotron3.train.chat import PackedConversations, PackingConfig
 from nemotron3.train.lm_loss import LMLoss
-from nemotron3.train.sft import SFTConfig, main, train_sft
+from nemotron3.train.sft import main
 from nemotron3.train.sft_data import builtin_conversations
 
 
@@ -37,23 +43,39 @@ def test_conversation_normalisation_is_the_mean_of_conversation_means():
     torch.testing.assert_close(ours.double(), torch.stack(per_conv).mean(), rtol=1e-5, atol=1e-5)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    common = dict(preset="tiny", builtin_size=60, heldout=8, seq_len=576, batch_size=2, max_steps=4, save_every=2,
-                  eval_every=2, eval_batches=1, device="cpu")
-    quiet = lambda *_: None                                                         # noqa: E731
-    full = train_sft(SFTConfig(out=str(tmp_path / "full"), **common), log=quiet)
-    train_sft(SFTConfig(out=str(tmp_path / "part"), **common), log=quiet)
-    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step_4")          # rerun steps 3-4 from the step-2 checkpoint
-    shutil.rmtree(tmp_path / "part" / "final")
-    resumed = train_sft(SFTConfig(out=str(tmp_path / "part"), resume=True, **common), log=quiet)
-    a = NemotronForCausalLM.from_pretrained(full).state_dict()
-    b = NemotronForCausalLM.from_pretrained(resumed).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+SFT_ARGS = ["--preset", "tiny", "--builtin-size", "60", "--heldout", "8", "--seq-len", "576", "--batch-size", "2",
+            "--max-steps", "10", "--save-every", "2", "--eval-every", "5", "--eval-batches", "1", "--device", "cpu"]
+
+
+def test_killed_run_resumes_bit_for_bit(tmp_path):
+    assert cli(["sft", "--out", str(tmp_path / "full")] + SFT_ARGS) == 0
+    cmd = [sys.executable, "-m", "nemotron3", "sft", "--out", str(tmp_path / "part")] + SFT_ARGS
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not os.path.exists(tmp_path / "part" / "checkpoints" / "step_4" / "trainer_state.json"):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(tmp_path / "part" / "final")                  # really killed mid-run
+    assert cli(["sft", "--out", str(tmp_path / "part"), "--resume"] + SFT_ARGS) == 0
+    a = NemotronForCausalLM.from_pretrained(tmp_path / "full" / "final").state_dict()
+    b = NemotronForCausalLM.from_pretrained(tmp_path / "part" / "final").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     def losses(run):
         return [(r["step"], r["loss"], r.get("eval_loss")) for r in map(json.loads, (tmp_path / run / "metrics.jsonl")
                                                                         .read_text().splitlines())]
-    assert losses("part") == losses("full") and len(losses("full")) == 4
+    assert losses("part") == losses("full") and [s for s, _, _ in losses("full")] == list(range(1, 11))
+
+
+def test_bad_data_file_is_one_line_naming_file_line_and_field(tmp_path, capsys):
+    good = json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    (tmp_path / "chats.jsonl").write_text(good + "\n" + '{"messages": [{"role": "bot", "content": "x"}]}\n')
+    assert cli(["sft", "--preset", "tiny", "--data", str(tmp_path / "chats.jsonl"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "chats.jsonl:2: messages[0].role: unknown role 'bot'" in err and "Traceback" not in err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -61,6 +83,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     (["--preset", "tiny", "--truncate-share", "1.5"], "--truncate-share 1.5 must lie in"),
     (["--model", "/no/such/dir"], "no config.json there"),
     (["--preset", "tiny", "--max-steps", "0"], "--max-steps 0 must be >= 1"),
+    (["--preset", "tiny", "--data", "chats.csv"], "chats.csv: conversations must be a .jsonl file"),
+    (["--preset", "tiny", "--data", "/no/such.jsonl"], "/no/such.jsonl: no such file"),
 ])
 def test_bad_flags_are_one_clear_error(argv, match):
     with pytest.raises(ValueError, match=match):

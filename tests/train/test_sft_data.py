@@ -6,8 +6,14 @@ import re
 from nemotron3.chat_format import ToolCall
 from nemotron3.tokenizer import ByteTokenizer
 from nemotron3.train.chat import encode_conversation
-from nemotron3.train.sft_data import (builtin_conversations, builtin_records, eval_items, score_reply,
-                                      tool_call_matches)
+from nemotron3.infer.reasoning import split_reasoning
+from nemotron3.train.chat_eval import eval_items, grade, tool_call_matches
+from nemotron3.train.sft_data import builtin_conversations, builtin_records
+
+
+def score_reply(item, completion):
+    """Grade a completion generated after "<think>\n", parsed as the engine parses it (stop string: <|im_end|>)."""
+    return grade(item, split_reasoning(completion.split("<|im_end|>")[0], thinking=True)[1])
 
 
 def test_builtin_set_is_deterministic_with_a_distinct_heldout_split():
@@ -52,6 +58,7 @@ def test_conversations_fit_the_tiny_demo_context():
 
 def test_grader_accepts_the_reference_turn_and_rejects_wrong_or_malformed_calls():
     items = eval_items(40, seed=0)
+    assert {i.task for i in items} == {"arithmetic", "follow_up", "lookup", "calculator", "key_lookup"}
     calls = [i for i in items if i.kind == "call"]
     answers = [i for i in items if i.kind == "answer"]
     assert calls and answers

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..chat_format import END_OF_TURN, THINK_CLOSE, render_chat
+from ..chat_format import END_OF_TURN, THINK_CLOSE, normalize_messages, render_chat
 
 
 class DataError(ValueError):
@@ -72,23 +72,33 @@ def prose_doc(rng: random.Random, sentences: int = 3) -> str:
                     f"{rng.choice(_NOUN)}." for _ in range(sentences)) + "\n"
 
 
-def builtin_documents(seed: int, split: str = "train"):
-    """Endless deterministic stream of documents; 'heldout' draws from a disjoint seed stream."""
+def builtin_documents(seed: int, split: str = "train", chat_share: float = 0.0):
+    """Endless deterministic stream of documents; 'heldout' draws from a disjoint seed stream. chat_share: share of
+    documents that are conversations of the built-in SFT set (sft_data.py: multi-step arithmetic, lookups, tool
+    calls), rendered whole in the chat format, so that a short SFT run finishes what pretraining started."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}; use 'train' or 'heldout'.")
     rng = random.Random(f"nemotron3-builtin-{seed}-{split}")
+    if chat_share > 0:
+        from .sft_data import builtin_record_stream      # sft_data -> chat -> data: imported when used
+        chats = builtin_record_stream(seed, split)
     # three quarters arithmetic: in the chat form ~35 bytes of turn markers separate the question from the
     # reasoning that copies it, and the demo's 900 steps of `tiny` answered 80% of held-out sums right with this
     # mix against 6% with half arithmetic (one seed each; the plain "Q: ... A:" form reached 100% with half)
     kinds = (arithmetic_doc,) * 6 + (retrieval_doc, prose_doc)
     while True:
-        yield rng.choice(kinds)(rng)
+        if chat_share > 0 and rng.random() < chat_share:
+            rec = next(chats)
+            yield render_chat(*normalize_messages(rec["messages"], rec.get("tools")))
+        else:
+            yield rng.choice(kinds)(rng)
 
 
-def builtin_tokens(tokenizer, n_tokens: int, seed: int = 0, split: str = "train") -> np.ndarray:
+def builtin_tokens(tokenizer, n_tokens: int, seed: int = 0, split: str = "train", chat_share: float = 0.0
+                   ) -> np.ndarray:
     """The first n_tokens of the built-in stream, documents separated by the tokenizer's eos id."""
     out, n = [], 0
-    for doc in builtin_documents(seed, split):
+    for doc in builtin_documents(seed, split, chat_share):
         ids = tokenizer.encode(doc) + [tokenizer.eos_token_id]
         out.append(ids)
         n += len(ids)

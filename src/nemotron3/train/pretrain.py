@@ -43,15 +43,18 @@ class TrainConfig(TrainerConfig):
     """Tokens per training sequence."""
     train_tokens: int = 2_000_000
     """Size of the built-in training corpus in tokens."""
+    chat_share: float = 0.0
+    """Share of the built-in corpus's documents that are built-in SFT conversations in the chat format (the demo
+    uses it so that its SFT needs few steps); 0 = the plain corpus."""
     no_cross_document: bool = False
     """Keep each document to itself inside a window (position_ids restart after every end-of-document token)."""
 
 
 def build_data(cfg: TrainConfig, tokenizer):
     if not cfg.data:
-        train = builtin_tokens(tokenizer, cfg.train_tokens, cfg.seed, "train")
+        train = builtin_tokens(tokenizer, cfg.train_tokens, cfg.seed, "train", cfg.chat_share)
         n_heldout = max(cfg.seq_len + 1, cfg.eval_batches * cfg.batch_size * (cfg.seq_len + 1))
-        heldout = builtin_tokens(tokenizer, n_heldout, cfg.seed, "heldout")
+        heldout = builtin_tokens(tokenizer, n_heldout, cfg.seed, "heldout", cfg.chat_share)
         return PackedWindows(train, cfg.seq_len), PackedWindows(heldout, cfg.seq_len)
     paths = [p for p in cfg.data.split(",") if p]
     if len(paths) == 1 and paths[0].endswith(".bin"):
@@ -112,6 +115,8 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     cfg.validate()
     if cfg.seq_len < 1:
         raise ValueError(f"--seq-len {cfg.seq_len} must be >= 1.")
+    if not 0.0 <= cfg.chat_share <= 1.0:
+        raise ValueError(f"--chat-share {cfg.chat_share} must lie in [0, 1] (a share of the documents).")
     rank, world = distributed()
     model, tokenizer = build_model(cfg, model_config, resolve_device(cfg))
     if not cfg.model and model.config.vocab_size > tokenizer.vocab_size and rank == 0:
