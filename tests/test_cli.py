@@ -67,15 +67,15 @@ def test_bad_input_is_one_clear_line(argv, match, capsys):
 
 def test_demo_pretrains_fine_tunes_evaluates_and_reports(tmp_path, capsys):
     small = ["--max-steps", "4", "--sft-steps", "2", "--eval-conversations", "6"]
-    assert main(["demo", "--out", str(tmp_path / "demo")] + small) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--rl-steps", "1"] + small) == 0
     out = capsys.readouterr().out
     for text in ("parameters active per token", "1. pretraining", "MTP depth 2 accuracy", "2. SFT",
-                 "held-out assistant-token loss", "thinking on", "thinking off", "budget 4", "budget 8",
+                 "held-out assistant-token loss", "3. RL", "held-out reward math_short", "thinking on", "thinking off", "budget 4", "budget 8",
                  "well-formed call with the right arguments", "transcripts", "whole demo", "training.png"):
         assert text in out, text
-    for phase in ("pretrain", "sft", ""):
+    for phase in ("pretrain", "sft", "rl", ""):
         assert (tmp_path / "demo" / phase / "final" / "model.safetensors").exists(), phase
-    assert main(["demo", "--out", str(tmp_path / "demo")] + small) == 0           # replaces its own earlier run
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--rl-steps", "0"] + small) == 0   # replaces its own earlier run
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "precious.txt").write_text("x")
     assert main(["demo", "--out", str(tmp_path / "other")] + small) == 2     # never deletes a non-run

@@ -1,11 +1,12 @@
 """`nemotron3 demo` (what `make demo` runs): the Nemotron 3 recipe end to end at toy scale on 2 CPU cores, in a few
-minutes: pretraining -> supervised fine-tuning -> (reinforcement learning, added by nemotron3.rl) -> evaluation.
+minutes: pretraining -> supervised fine-tuning -> reinforcement learning (GRPO) -> evaluation.
 
     pretrain  the tiny hybrid LatentMoE + MTP model on the built-in corpus, half of whose documents are
               conversations of the built-in SFT set in the chat format (arithmetic with <think> steps, lookups,
               tool calls), so that pretraining already teaches the format and the tasks
     SFT       `nemotron3 sft` on the built-in set: loss on assistant turns only, conversations packed into rows,
               reasoning stripped from 10% (thinking off) and cut at a random budget in 3% (budget control)
+    RL        a short GRPO run (nemotron3.rl.demo_phase) on the math environment, held-out reward before / after
     evaluate  held-out conversations through the inference engine (train/chat_eval.py): accuracy of the reasoning
               tasks with thinking on, off, and under two reasoning budgets; the share of tool-use conversations
               whose first reply is a well-formed tool call with the right arguments; one transcript of each
@@ -102,12 +103,15 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="run directory (replaced if it is a demo run)")
     p.add_argument("--max-steps", type=int, default=900, help="pretraining steps of 8 x 256 tokens (default 900)")
     p.add_argument("--sft-steps", type=int, default=150, help="SFT steps of 8 packed rows (default 150)")
+    p.add_argument("--rl-steps", type=int, default=30, help="GRPO steps after SFT (default 30; 0 skips RL)")
     p.add_argument("--eval-conversations", type=int, default=80, help="held-out conversations evaluated")
     p.add_argument("--budgets", type=int, nargs=2, default=(4, 8), help="the two reasoning budgets evaluated")
     args = p.parse_args(argv)
     for name in ("max_steps", "sft_steps", "eval_conversations"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1.")
+    if args.rl_steps < 0:
+        raise ValueError(f"--rl-steps {args.rl_steps} must be >= 0 (0 skips the RL phase).")
     if min(args.budgets) < 0:
         raise ValueError(f"--budgets {args.budgets} must be >= 0 (thinking tokens).")
     print(describe(from_preset(args.preset), args.preset), "\n")
@@ -133,11 +137,19 @@ def main(argv=None):
           f"[{time.perf_counter() - t1:.0f}s]")
     final = os.path.join(args.out, "final")
     shutil.copytree(tuned, final)
-    # ---- RL phase goes here (the lead adds it): GRPO from the SFT model, then evaluate its model instead ----
-    #   rl_final = nemotron3.rl.demo_phase(final, os.path.join(args.out, "rl"), steps, seed)
-    #   and replace `final` by rl_final's copy before the evaluation below.
+    if args.rl_steps:
+        from .rl import demo_phase
+        t_rl = time.perf_counter()
+        print(f"\n3. RL: {args.rl_steps} GRPO steps on the math environment in the SFT set's form (8 samples of 4 "
+              f"prompts a step, leave-one-out advantages, masked importance sampling, routers frozen)")
+        rl = demo_phase(final, os.path.join(args.out, "rl"), steps=args.rl_steps, seed=0)
+        for env, before in rl["before"].items():
+            print(f"held-out reward {env}: {before:.3f} before -> {rl['after'][env]:.3f} after "
+                  f"(32 problems x 4 samples, temperature 1)   [{time.perf_counter() - t_rl:.0f}s]")
+        shutil.rmtree(final)
+        shutil.copytree(rl["final"], final)
     t2 = time.perf_counter()
-    print("\n3. evaluation (inference engine, held-out conversations)")
+    print(f"\n{4 if args.rl_steps else 3}. evaluation (inference engine, held-out conversations)")
     evaluate(final, args.eval_conversations, tuple(args.budgets))
     print(f"[evaluation {time.perf_counter() - t2:.0f}s; whole demo {time.perf_counter() - t0:.0f}s]")
     print(f"model: {final}   plots: {os.path.join(pre.out, 'training.png')}, {os.path.join(sft.out, 'training.png')}")
