@@ -8,8 +8,8 @@ acceptance per position, for two models.
 The models: the demo's tiny hybrid (M*ME-M*E, LatentMoE, one "*E" MTP block) and the `small` preset (11M, d=256)
 with one "*E" MTP block, both trained briefly on the built-in corpus with the MTP loss, so their MTP heads draft
 real text; prompts are held-out built-in documents. Every configuration generates the same number of tokens (no eos
-stop) and must produce the plain decoding's tokens (greedy). fp32, 2 threads. The "auto" row is the engine's
-default speculation-by-batch-size rule (nemotron3.infer.engine.SPECULATION_BY_BATCH). Writes
+stop) and must produce the plain decoding's tokens (greedy). fp32, 2 threads (--threads). The "auto" row is the
+engine's default speculation-by-batch-size rule (nemotron3.infer.engine.SPECULATION_BY_BATCH). Writes
 bench/results/decode_speed.json and .png.
 """
 
@@ -115,9 +115,11 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine whose cores are busy: "
+                                                          "a 2-thread step stalls at every barrier when they are)")
     args = p.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         models = dict(m.split("=", 1) for m in args.models) or {
@@ -146,7 +148,8 @@ def _plot(rows, path):
             vals = [next((r["tok_s"] for r in mine if r["batch"] == b and group(r) == m), 0) for b in batches]
             ax.bar([i + j * w for i in range(len(batches))], vals, w, label=m)
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
-        ax.set(ylabel="generated tokens / s", title=f"decode speed, {model}, 2 threads, same run")
+        ax.set(ylabel="generated tokens / s",
+               title=f"decode speed, {model}, {torch.get_num_threads()} threads, same run")
         ax.legend(fontsize=7)
     save_figure(fig, path)
 

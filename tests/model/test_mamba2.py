@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemotron3 import from_preset
-from nemotron3.model.mamba2 import Mamba2Mixer, ssd_chunked
+from nemotron3.model.mamba2 import Mamba2Mixer, ssd_chunked, ssd_states
 from tests.reference.ssd import mamba_mixer_ref, ssd_recurrence_ref
 
 
@@ -86,6 +86,42 @@ def test_decode_steps_and_chunked_prefill_match_full_forward():
     parts = [mixer(x[:, :6], None, conv, ssm), mixer(x[:, 6:7], None, conv, ssm),   # prefill, step, prefill
              mixer(x[:, 7:18], None, conv, ssm), mixer(x[:, 18:], None, conv, ssm)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("seq_len", [1, 4, 9])
+def test_verify_form_gives_the_state_after_every_token_like_the_recurrence(seq_len):
+    """ssd_states (the speculative verifier's one-chunk form) == the float64 loop run on every prefix."""
+    x, dt, A, B, C = random_ssd_inputs(2, seq_len, seed=5)
+    S0 = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    state = S0.clone()
+    y, states = ssd_states(x, dt, A, B, C, state)
+    y_ref, final_ref = ssd_recurrence_ref(x, dt, A, B, C, initial_state=S0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    for t in range(seq_len):
+        torch.testing.assert_close(states[:, t], ssd_recurrence_ref(x[:, :t + 1], dt[:, :t + 1], A, B[:, :t + 1],
+                                                                    C[:, :t + 1], initial_state=S0)[1],
+                                   rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(state, final_ref, rtol=1e-9, atol=1e-9)    # the cache ends after the last token
+
+
+def test_verify_pass_keeps_states_any_prefix_can_resume_from():
+    """A keep_states pass over 5 tokens: its output equals the float64 mixer, and resuming a fresh decode from the
+    recorded (conv, SSM) state after token t gives the float64 output of the remaining tokens."""
+    torch.manual_seed(1)
+    cfg = from_preset("tiny")
+    mixer = Mamba2Mixer(cfg).double()
+    x = torch.randn(2, 9, cfg.hidden_size, dtype=torch.float64)
+    ref = mamba_mixer_ref(mixer, x, time_step_limit=tuple(cfg.time_step_limit))
+    conv = torch.zeros(2, cfg.conv_kernel - 1, mixer.conv_dim, dtype=torch.float64)
+    ssm = torch.zeros(2, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, dtype=torch.float64)
+    mixer(x[:, :4], None, conv, ssm)                                          # prefill 4 tokens
+    out, (convs, ssms) = mixer(x[:, 4:9], None, conv, ssm, keep_states=True)  # verify 5
+    torch.testing.assert_close(out, ref[:, 4:9], rtol=1e-9, atol=1e-9)
+    for t in range(5):
+        c, s = convs[:, t].clone(), ssms[:, t].clone()
+        rest = [mixer(x[:, j:j + 1], None, c, s) for j in range(5 + t, 9)]
+        if rest:
+            torch.testing.assert_close(torch.cat(rest, 1), ref[:, 5 + t:9], rtol=1e-9, atol=1e-9)
 
 
 def test_chunked_scan_has_gradients_equal_to_the_recurrence():

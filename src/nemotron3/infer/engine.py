@@ -17,8 +17,10 @@ batch is always the contiguous rows [0, n) and a step runs on exactly the live r
 
 Speculative round (MTP heads as the drafter), each row accepting its own number of drafts:
     1. draft: MTP depth 1 on (hidden of the last verified position, the token just chosen), then the head again on
-       (its own output, the draft) for depths 2..K (temporary MTP cache entries, dropped afterwards)
+       (its own output, the draft) for depths 2..K (temporary MTP cache entries, dropped afterwards); greedy
+       batches draft all K tokens, LM head and argmax included, in one compiled call (model.mtp_draft)
     2. verify: one forward of the main model over [t0, d1..dK]; Mamba layers return their state after each token
+       (computed at once, not token by token: mamba2.ssd_states)
     3. accept: speculative.accept_drafts for the whole batch (exact rejection sampling; greedy = argmax match)
     4. roll back: each row keeps the Mamba state after its t0, d1..dn and moves its position to start + n + 1
     5. catch the MTP cache up on the kept positions (teacher-forced, as in training); its last output drafts next.
@@ -379,38 +381,13 @@ class Engine:
         main, mtp = self.cache.rows(0, b), self.mtp_cache.rows(0, b)
         u = uniforms(self.rng_key, self.counter, 2 * K + 1)                     # (b, 2K+1): drafts, accepts, final
         self.counter += 2 * K + 1
-        seen = self.seen
-        # 1. draft K tokens (temporary MTP entries; positions restored afterwards)
+        # 1. draft K tokens (the MTP cache keeps its state and positions)
         start_mtp = mtp.pos.clone()
-        saved = {i: (mtp.conv[i].clone(), mtp.ssm[i].clone()) for i in mtp.ssm}
-        h, drafts, qs, seens = self.draft_h, [], [], []
         ahead = [[] for _ in range(b)] if any(s.grammar is not None for s in self.rows) else None
-        for j in range(1, K + 1):
-            logits_q = model.lm_head(h[:, -1:]).float()                         # (b, 1, V)
-            if ahead is not None:                     # drafts follow the grammar too (after the drafts before them)
-                logits_q = logits_q.masked_fill(~self._grammar_masks(self.rows, [[a] for a in ahead]), float("-inf"))
-            seens.append(None if seen is None else seen[:, None])
-            if self.plain_greedy:
-                q, d = None, logits_q[:, 0].argmax(-1)
-            else:
-                q = target_probs_rows(logits_q, self.params, seens[-1])[:, 0]  # (b, V)
-                d = draw(q, u[:, j - 1])
-            drafts.append(d)
-            qs.append(q)
-            if ahead is not None:
-                for a, t in zip(ahead, d.tolist()):
-                    a.append(t)
-            if seen is not None:
-                seen = seen.clone()
-                seen[torch.arange(b, device=d.device), d] = True
-            if j < K:
-                h, _ = model.mtp_step(j + 1, h, d[:, None], mtp)
-        seens.append(None if seen is None else seen[:, None])
-        mtp.pos.copy_(start_mtp)
-        for i, (c, s) in saved.items():
-            mtp.conv[i].copy_(c)
-            mtp.ssm[i].copy_(s)
-        drafts = torch.stack(drafts, 1)                                        # (b, K)
+        if self.plain_greedy:                  # argmax drafts: all K in one (compiled) call, no distributions
+            drafts, qs, seens, seen = model.mtp_draft(self.draft_h, mtp, K), None, None, None
+        else:
+            drafts, qs, seens, seen = self._draft_sampled(mtp, K, u, ahead)
         # 2. verify [t0, d1..dK] in one forward, keeping the Mamba states after each token
         start = main.pos.clone()
         out = model(torch.cat([self.last[:, None], drafts], 1), cache=main, keep_mamba_states=True,
@@ -436,6 +413,38 @@ class Engine:
         self.last = emitted[rows, n]
         self.stats["rounds"] += 1
         self._emit(events, list(range(b)), emitted, n, out.logits, p)
+
+    def _draft_sampled(self, mtp, K: int, u: torch.Tensor, ahead):
+        """K drafts drawn from the MTP head's distributions after the rows' sampling processors (and grammars):
+        returns drafts (b, K), their distributions q (b, V) per position, the repetition-penalty `seen` masks per
+        position and after the last draft. The MTP cache is stepped and then restored."""
+        model, b, seen = self.model, len(self.rows), self.seen
+        start_mtp = mtp.pos.clone()                      # the draft steps' entries are temporary
+        saved = {i: (mtp.conv[i].clone(), mtp.ssm[i].clone()) for i in mtp.ssm}
+        h, drafts, qs, seens = self.draft_h, [], [], []
+        for j in range(1, K + 1):
+            logits_q = model.lm_head(h[:, -1:]).float()                         # (b, 1, V)
+            if ahead is not None:                     # drafts follow the grammar too (after the drafts before them)
+                logits_q = logits_q.masked_fill(~self._grammar_masks(self.rows, [[a] for a in ahead]), float("-inf"))
+            seens.append(None if seen is None else seen[:, None])
+            q = target_probs_rows(logits_q, self.params, seens[-1])[:, 0]      # (b, V)
+            d = draw(q, u[:, j - 1])
+            drafts.append(d)
+            qs.append(q)
+            if ahead is not None:
+                for a, t in zip(ahead, d.tolist()):
+                    a.append(t)
+            if seen is not None:
+                seen = seen.clone()
+                seen[torch.arange(b, device=d.device), d] = True
+            if j < K:
+                h, _ = model.mtp_step(j + 1, h, d[:, None], mtp)
+        seens.append(None if seen is None else seen[:, None])
+        mtp.pos.copy_(start_mtp)
+        for i, (c, s) in saved.items():
+            mtp.conv[i].copy_(c)
+            mtp.ssm[i].copy_(s)
+        return torch.stack(drafts, 1), qs, seens, seen
 
     def _want_routing(self) -> bool:
         return any(s.req.return_routed_experts for s in self.rows)

@@ -179,6 +179,26 @@ def ssd_step(x, dt, A, B, C, state):
     return (S.view(b, G, -1, N) @ C.view(b, G, N, 1)).view(b, H, P)         # y_t = S_t C_t
 
 
+def ssd_states(x, dt, A, B, C, state):
+    """A few tokens at once with the SSM state after every one of them (speculative verification), in the SSD
+    quadratic form of a single chunk instead of a loop over tokens:
+        S_t = exp(cum_t) S_0 + sum_{s<=t} exp(cum_t - cum_s) dt_s x_s B_s^T,   cum_t = sum_{j<=t} dt_j A,   y_t = S_t C_t
+    x: (b, L, H, P); dt: (b, L, H); B, C: (b, L, G, N); state (b, H, P, N) = S_0, updated in place to S_L.
+    Returns y (b, L, H, P) and the states (b, L, H, P, N)."""
+    b, L, H, P = x.shape
+    G, N = B.shape[-2:]
+    R = H // G
+    a = (dt * A).transpose(1, 2)                                              # (b, H, L)  log-decay per step
+    decay = segsum_exp(a).view(b, G, R, L, L)                                 # (b, G, R, t, s) exp(cum_t - cum_s)
+    from_start = decay_exp(torch.cumsum(a, -1)).view(b, G, R, L)               # (b, G, R, t)     exp(cum_t)
+    xdt = (x * dt[..., None]).view(b, L, G, R, P)                             # dt_s x_s
+    S = torch.einsum("bgrts,bsgrp,bsgn->btgrpn", decay, xdt, B)               # (b, L, G, R, P, N)
+    S = S + from_start.permute(0, 3, 1, 2)[..., None, None] * state.view(b, 1, G, R, P, N)
+    y = torch.einsum("btgrpn,btgn->btgrp", S, C)                              # (b, L, G, R, P)
+    state.copy_(S[:, -1].reshape(b, H, P, N))
+    return y.reshape(b, L, H, P), S.reshape(b, L, H, P, N)
+
+
 class CausalConvSiLU(torch.autograd.Function):
     """silu(causal depthwise conv) in the (b, t, channels) layout, continuing from a window of the K-1 previous
     inputs:  pre_t = bias + sum_k w[:, k] * keep_k,t * u_{t-K+1+k},  u = [window ; x],  out = silu(pre),
@@ -263,35 +283,44 @@ class Mamba2Mixer(nn.Module):
         lo, hi = self.time_step_limit
         return dt if (lo, hi) == (0.0, math.inf) else dt.clamp(lo, hi)      # softplus > 0 already
 
-    def _recurrent(self, xBC, dt_raw, conv_state, ssm_state, A, sdt, keep_states: bool):
-        """Token by token through the conv window and the SSM state (decode; speculative verification). With
-        keep_states, also returns the (conv window, SSM state) after every token, (b, L, K-1, C) and (b, L, H, P, N),
-        so that a speculative verifier can keep the state of any accepted prefix (vLLM / SGLang / Megatron do the
-        same: a Mamba state cannot be rolled back, only recorded)."""
-        b, L, _ = xBC.shape
+    def _recurrent(self, xBC, dt_raw, conv_state, ssm_state, A, sdt):
+        """One decode token through the conv window and the SSM state (both updated in place). xBC (b, 1, C)."""
+        b = xBC.shape[0]
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
-        w = self.conv1d.weight[:, 0]                                          # (conv_dim, K) depthwise taps
-        ys, convs, ssms = [], [], []
-        for t in range(L):
-            window = torch.cat([conv_state, xBC[:, t:t + 1]], dim=1)         # (b, K, conv_dim)
-            conv_state.copy_(window[:, 1:])
-            xc = torch.einsum("bkc,ck->bc", window, w)                        # (b, conv_dim)
-            if self.conv1d.bias is not None:
-                xc = xc + self.conv1d.bias
-            x, B, C = F.silu(xc).to(sdt).split([self.d_inner, G * N, G * N], dim=-1)
-            x = x.view(b, H, P)
-            y = ssd_step(x, self._dt(dt_raw[:, t], sdt), A, B.view(b, G, N), C.view(b, G, N), ssm_state)
-            ys.append((y + self.D.to(sdt)[:, None] * x).view(b, 1, self.d_inner))
-            if keep_states:
-                convs.append(conv_state.clone())
-                ssms.append(ssm_state.clone())
-        y = ys[0] if L == 1 else torch.cat(ys, dim=1)
-        return y, ((torch.stack(convs, 1), torch.stack(ssms, 1)) if keep_states else None)
+        window = torch.cat([conv_state, xBC.to(conv_state.dtype)], dim=1)     # (b, K, conv_dim)
+        conv_state.copy_(window[:, 1:])
+        xc = torch.einsum("bkc,ck->bc", window, self.conv1d.weight[:, 0])    # (b, conv_dim)  depthwise taps
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias
+        x, B, C = F.silu(xc).to(sdt).split([self.d_inner, G * N, G * N], dim=-1)
+        x = x.view(b, H, P)
+        y = ssd_step(x, self._dt(dt_raw[:, 0], sdt), A, B.view(b, G, N), C.view(b, G, N), ssm_state)
+        return (y + self.D.to(sdt)[:, None] * x).view(b, 1, self.d_inner)
+
+    def _verify(self, xBC, dt_raw, conv_state, ssm_state, A, sdt):
+        """L tokens at once, returning the (conv window, SSM state) after every token, (b, L, K-1, C) and
+        (b, L, H, P, N), so that a speculative verifier can keep the state of any accepted prefix (vLLM / SGLang /
+        Megatron do the same: a Mamba state cannot be rolled back, only recorded). The conv windows are slices of
+        [window ; inputs], the states come from ssd_states (no loop over tokens); the cache ends after token L."""
+        b, L, _ = xBC.shape
+        H, P, G, N, K = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size, self.conv_kernel
+        u = torch.cat([conv_state, xBC.to(conv_state.dtype)], dim=1)         # (b, K-1+L, C)
+        taps = u.unfold(1, K, 1)                                              # (b, L, C, K) inputs t-K+1..t
+        xc = (taps * self.conv1d.weight[:, 0]).sum(-1)                        # (b, L, C)  depthwise conv
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias
+        windows = taps[..., 1:].transpose(-1, -2)                             # (b, L, K-1, C) window after token t
+        conv_state.copy_(windows[:, -1])
+        x, B, C = F.silu(xc).to(sdt).split([self.d_inner, G * N, G * N], dim=-1)
+        x = x.reshape(b, L, H, P)
+        y, ssm = ssd_states(x, self._dt(dt_raw, sdt), A, B.reshape(b, L, G, N), C.reshape(b, L, G, N), ssm_state)
+        y = (y + self.D.to(sdt)[:, None] * x).reshape(b, L, self.d_inner)
+        return y, (windows, ssm)
 
     def forward(self, hidden, mask=None, conv_state=None, ssm_state=None, keep_states: bool = False, seq_idx=None):
         """hidden: (b, L, d). mask: (b, L) with 0 at padding, or None. conv_state (b, K-1, conv_dim) and ssm_state
         (b, H, P, N) float32 are a cache's tensors, updated in place; None means start from zeros, keep nothing.
-        keep_states=True (with a cache, no padding): the L tokens run step by step and the result is
+        keep_states=True (with a cache, no padding): the L tokens run in ssd_states' one-chunk form and the result is
         (output, (conv states, SSM states) after every token) for a speculative verifier's rollback.
         seq_idx: (b, L) packed-sequence numbers (nondecreasing per row) or None; conv window and SSM state restart
         at each new number, so each packed sequence is computed as if alone (chunked path only)."""
@@ -308,7 +337,10 @@ class Mamba2Mixer(nn.Module):
         if ssm_state is not None and (L == 1 or keep_states):                # decode / verify
             if keep_states and mask is not None:
                 raise ValueError("keep_states needs unpadded inputs (a verify pass has no padding).")
-            y, states = self._recurrent(xBC, dt_raw, conv_state, ssm_state, A, sdt, keep_states)
+            if keep_states:
+                y, states = self._verify(xBC, dt_raw, conv_state, ssm_state, A, sdt)
+            else:
+                y = self._recurrent(xBC, dt_raw, conv_state, ssm_state, A, sdt)
         else:
             if mask is not None:    # zero padded conv inputs too, so a padded row equals the row alone even with
                 xBC = xBC * mask[:, :, None].to(xBC.dtype)      # use_bias (HF lets in_proj's bias leak into the conv)

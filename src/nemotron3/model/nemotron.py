@@ -96,7 +96,7 @@ class Block(nn.Module):
     def forward(self, h, mask=None, cache: HybridCache | None = None, pos=None, span=None,
                 mamba_states: dict | None = None, seq_idx=None, routing=None):
         """h (b, L, d). With a cache: pos (b,) the rows' positions, span the host-side (min, max) of pos. A dict
-        `mamba_states` asks Mamba layers to run token by token and store their states after every token in it
+        `mamba_states` asks Mamba layers to store their states after every token in it
         (layer index -> (conv (b, L, K-1, C), ssm (b, L, H, P, N))), for a speculative verifier. seq_idx (b, L):
         packed-sequence numbers (cache-less); routing: a dict receiving MoE layers' RouterOutputs, or None."""
         x = self.norm(h.to(self.norm.weight.dtype))
@@ -165,7 +165,7 @@ class NemotronForCausalLM(nn.Module):
             self._rescale_mamba_out_proj()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
-        self._compiled_decode = self._compiled_mtp = None
+        self._compiled_decode = self._compiled_mtp = self._compiled_draft = None
 
     # ---- initialisation, as transformers' NemotronHPreTrainedModel._init_weights ----
     def _init_weights(self, module):
@@ -223,8 +223,8 @@ class NemotronForCausalLM(nn.Module):
         DataCollatorWithFlattening convention: positions restart at 0 at each sequence): attention is block-diagonal
         causal, every Mamba layer restarts its conv window and state, MTP and the loss never cross a boundary, so
         each sequence comes out as if run alone (no cache; the model has no positional encoding to feed).
-        keep_mamba_states=True (with a cache): Mamba layers run token by token and .mamba_states holds their states
-        after every token, so a speculative verifier can keep any prefix (HybridCache.keep_prefix).
+        keep_mamba_states=True (with a cache): .mamba_states holds the Mamba layers' states after every token, so a
+        speculative verifier can keep any prefix (HybridCache.keep_prefix).
         routed_experts (b, L, MoE layers, K) integer (router replay, RL): the experts each position is sent to in the
         main model's MoE layers (in layer order, as the engine's Result.routed_experts records them) instead of the
         routers' own top-K choice; the combine weights still come from the router scores of those experts."""
@@ -333,7 +333,8 @@ class NemotronForCausalLM(nn.Module):
 
     def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, states: list[tuple], keep_mamba_states: bool = False):
         """L (small) tokens per row at positions pos (b,) with static shapes: attention reads its whole KV buffer
-        under a position mask (gpt-fast's scheme), Mamba layers step token by token, so the step is one graph that
+        under a position mask (gpt-fast's scheme), Mamba layers step their state (ssd_states for a verify pass,
+        the chunked scan otherwise; no token loop), so the step is one graph that
         compile_decode compiles once per (batch, L, cache size). Returns (logits (b, L, V) float32, hidden (b, L, d),
         Mamba states after every token or {}); the caller advances the cache."""
         h = self.backbone.embeddings(ids)
@@ -346,17 +347,20 @@ class NemotronForCausalLM(nn.Module):
     def compile_decode(self, enable: bool = True) -> "NemotronForCausalLM":
         """torch.compile decode_step (one graph per batch size, token count, cache size; a few seconds each): fuses
         the step's hundreds of small ops. forward() then uses it for every cached call of up to COMPILED_MAX_TOKENS
-        unpadded tokens (decode steps and speculative verify passes), and mtp_step its MTP twin (drafting).
+        unpadded tokens (decode steps and speculative verify passes), mtp_step its MTP twin (the MTP cache's
+        catch-up) and mtp_draft the K greedy drafts of a speculative round (one graph per K).
         Idempotent; enable=False goes back to eager.
         Returns self."""
         if not enable:
-            self._compiled_decode = self._compiled_mtp = None
+            self._compiled_decode = self._compiled_mtp = self._compiled_draft = None
         elif self._compiled_decode is None:
             # one graph per (model, batch size, tokens per step, cache length, MTP depth): far more than dynamo's
             # default of 8 per function, past which it silently runs the step eagerly (slower than no compile)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             self._compiled_decode = torch.compile(self.decode_step, dynamic=False)
-            self._compiled_mtp = torch.compile(self.mtp_decode_step, dynamic=False) if self.mtp is not None else None
+            if self.mtp is not None:
+                self._compiled_mtp = torch.compile(self.mtp_decode_step, dynamic=False)
+                self._compiled_draft = torch.compile(self.mtp_draft_step, dynamic=False)
         return self
 
     @property
@@ -395,6 +399,28 @@ class NemotronForCausalLM(nn.Module):
         mamba_states = {} if keep_mamba_states else None
         out = self.mtp.step_static(depth, h, self.backbone.embeddings(next_ids), states, pos, mamba_states)
         return out, mamba_states or {}
+
+    def mtp_draft(self, h: torch.Tensor, cache: HybridCache, K: int) -> torch.Tensor:
+        """K greedy drafts in one call: h (b, 1, d) is MTP depth 1's output at each row's last verified position
+        (it predicts the token after the next), `cache` the include_mtp cache holding that position. Returns drafts
+        (b, K); the cache keeps its state and positions (the verify pass decides what the MTP cache keeps)."""
+        pos = cache.reserve(K - 1)                                    # room for the K-1 draft steps' K/V
+        states = {layer.layer_idx: cache.layer_state(layer.layer_idx) for layer in self.mtp.layers}
+        use_compiled = self._compiled_draft is not None and cache.valid is None
+        return (self._compiled_draft if use_compiled else self.mtp_draft_step)(h, pos, states, K)
+
+    def mtp_draft_step(self, h: torch.Tensor, pos: torch.Tensor, states: dict, K: int) -> torch.Tensor:
+        """mtp_draft's static-shape body (what compile_decode compiles): LM head, argmax and the MTP steps of all
+        K drafts in one graph, so a round pays one call instead of 2K - 1:
+            d_1 = argmax lm_head(h^1);   h^j = MTP_j(h^{j-1}, d_{j-1}) at pos + j - 2,   d_j = argmax lm_head(h^j)
+        Mamba layers step copies of their states; attention writes K/V past the verified prefix, which is never
+        read (masked by position) and is overwritten by the MTP cache's catch-up on the same positions."""
+        states = {i: tuple(t.clone() for t in s) if len(s) == 2 else s for i, s in states.items()}   # Mamba: copies
+        drafts = [self.lm_head(h[:, -1]).float().argmax(-1)]                                      # (b,)
+        for j in range(2, K + 1):
+            h = self.mtp.step_static(j, h, self.backbone.embeddings(drafts[-1][:, None]), states, pos + (j - 2))
+            drafts.append(self.lm_head(h[:, -1]).float().argmax(-1))
+        return torch.stack(drafts, 1)                                                             # (b, K)
 
     # ---- checkpoints ----
     @classmethod
