@@ -15,7 +15,7 @@ step's micro-batches and all ranks (torchtitan's global_valid_tokens), and every
 loss by those totals; so accumulation and data parallelism give the gradient of the one big batch, whatever the
 number of valid targets in each micro-batch. Gradients are then summed over ranks (not averaged).
 The data iterator may offer state_dict() / load_state_dict() (as ResumableSampler does): checkpoints keep it.
-Left out: FSDP2 / expert parallelism, activation checkpointing.
+Left out: FSDP2 / expert parallelism. Activation checkpointing per block: --act-ckpt (act_ckpt.py).
 """
 
 from __future__ import annotations
@@ -99,6 +99,11 @@ class TrainerConfig:
     eval_batches: int = 4
     on_nan: str = "stop"
     """stop (keep the last good checkpoint) or skip (drop the step) when the loss or gradient is not finite."""
+    act_ckpt: bool = False
+    """Activation checkpointing per block: keep each block's input only and recompute its inside in the backward
+    (long rows fit; about one extra forward per step)."""
+    constant_lr: bool = False
+    """Constant learning rate --lr from the first step (no warmup, no decay): the long-context stage's schedule."""
 
     def validate(self) -> None:
         choices = {"precision": ("fp32", "bf16", "nvfp4"), "on_nan": ("stop", "skip"),
@@ -168,6 +173,11 @@ class Trainer:
         decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
         self.schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start),   # short runs
                                     cfg.decay_fraction, 0.01, "minus_sqrt")
+        if cfg.constant_lr:
+            self.schedule = WSDSchedule(cfg.lr, cfg.max_steps, 0, 0.0)
+        if cfg.act_ckpt:
+            from .act_ckpt import enable_activation_checkpointing
+            enable_activation_checkpointing(model)
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
         bf16 = cfg.precision == "bf16" or (cfg.precision == "nvfp4" and self.device.type == "cuda")
         self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16)
