@@ -3,6 +3,7 @@ greedy decoding; wall time, tokens/s, peak RSS and the cache's K/V + Mamba-state
 
     python bench/long_context.py --lengths 1048576 --presets tiny --decode-tokens 32     # the 1M run (hours)
     python bench/long_context.py                                     # the regular run (tiny + small, 1K ... 256K)
+    python bench/long_context.py --attention-paths 4096,65536,262144     # one chunk's attention, three ways
 
 The regular run, per preset (tiny, small), all in one process and one run:
 - prefill tokens/s and peak RSS vs length, chunked (1K ... 256K);
@@ -261,6 +262,44 @@ def plot(result) -> None:
     save_figure(fig, "long_context")
 
 
+def attention_paths(contexts: list[int], chunk: int = 512) -> None:
+    """One prefill chunk's attention over a long cache, three ways, same inputs (tiny's shape: 4 query heads, 2 KV
+    heads, head dim 16): the explicit (chunk, context) boolean mask (the path before), prefix + chunk merged by
+    log-sum-exp (model/attention.py, the path now), and flex_attention under a block mask (torch.compile'd; its
+    compile time is reported apart). Writes bench/results/long_context_attention.json."""
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from common import best_time
+    from nemotron3.model.attention import cached_attention_mask, prefix_causal_attention
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for T in contexts:
+        prefix = T - chunk
+        g = torch.Generator().manual_seed(T)
+        q, k, v = torch.randn(1, 4, chunk, 16, generator=g), torch.randn(1, 2, T, 16, generator=g), \
+            torch.randn(1, 2, T, 16, generator=g)
+        mask = cached_attention_mask(torch.tensor([prefix]), chunk, T, None)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        block = create_block_mask(lambda b, h, i, j: j <= i + prefix, 1, 1, chunk, T, device="cpu")
+        t0 = time.perf_counter()
+        out_flex = flex(q, k, v, block_mask=block, enable_gqa=True)
+        compile_s = time.perf_counter() - t0
+        row = dict(context=T, chunk=chunk,
+                   mask_s=best_time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                                    repeats=2),
+                   lse_merge_s=best_time(lambda: prefix_causal_attention(q, k, v, prefix), repeats=2),
+                   flex_s=best_time(lambda: flex(q, k, v, block_mask=block, enable_gqa=True), repeats=2),
+                   flex_first_call_s=compile_s,
+                   lse_merge_max_err=float((prefix_causal_attention(q, k, v, prefix) - ref).abs().max()),
+                   flex_max_err=float((out_flex - ref).abs().max()), mask_bytes=mask.numel())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    save("long_context_attention", dict(rows=rows))
+    print_table(rows, ["context", "mask_s", "lse_merge_s", "flex_s", "flex_first_call_s", "lse_merge_max_err",
+                       "flex_max_err", "mask_bytes"])
+
+
 def huge_run(args) -> None:
     """One prefill + decode per (preset, length), logged as it goes: the 1M-token run."""
     tag = args.tag or "_".join(str(n) for n in args.lengths)
@@ -299,9 +338,13 @@ def main(argv=None) -> None:
     ap.add_argument("--equal-lengths", type=ints, default=[4096, 16384])
     ap.add_argument("--decode-contexts", type=ints, default=[4096, 65536, 262144])
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--attention-paths", type=ints, default=None,
+                    help="only time one chunk's attention (mask / log-sum-exp merge / flex) at these contexts")
     args = ap.parse_args(argv)
     if args.chunk < 1 or args.decode_tokens < 0:
         raise SystemExit("--chunk must be >= 1 and --decode-tokens >= 0.")
+    if args.attention_paths:
+        return attention_paths(args.attention_paths)
     if args.lengths is not None:
         return huge_run(args)
     regular_run(args)

@@ -64,6 +64,16 @@ def test_chunked_prefill_builds_no_mask_and_equals_one_shot(model, monkeypatch):
     torch.testing.assert_close(torch.cat(chunks, 1), one_shot, rtol=1e-4, atol=1e-4)
 
 
+def test_decode_steps_over_the_cache_equal_the_one_shot_forward(model):
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        one_shot = model(ids).logits
+        cache = model.new_cache(1, 40)
+        model(ids[:, :33], cache=cache)
+        steps = [model(ids[:, t:t + 1], cache=cache).logits for t in range(33, 40)]
+    torch.testing.assert_close(torch.cat(steps, 1), one_shot[:, 33:], rtol=1e-4, atol=1e-4)
+
+
 def block_diagonal_mask(seq_idx):
     """The (b, 1, L, L) block-diagonal causal mask of the dense path."""
     L = seq_idx.shape[1]

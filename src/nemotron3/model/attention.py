@@ -15,8 +15,12 @@ A prefill chunk that continues a cache (every row at the same position p, no pad
 mask: the keys split into the prefix [0, p), which every query sees, and the chunk itself, seen causally; each part
 is attended alone with its log-sum-exp and the two merge exactly (flash attention's online softmax):
     out = (e^{l1 - m} o1 + e^{l2 - m} o2) / (e^{l1 - m} + e^{l2 - m}),  m = max(l1, l2)
-so memory is set by the chunk, not by the context (prefix_causal_attention). On other devices SDPA's lower-right
-causal bias does the same inside its fused kernels.
+so memory is set by the chunk, not by the context (prefix_causal_attention; measured on 2 CPU cores, 512 queries
+over a 64K context: 0.40 s against 0.84 s for the mask and 0.96 s for a compiled flex_attention). On other devices
+SDPA's lower-right causal bias does the same inside its fused kernels. A decode step (one token per row, all at the
+same position) sees every cached key: its query heads stack per KV head (grouped_full_attention), so K/V are read
+once and never expanded per query head.
+Rows at different positions and padded batches keep the explicit (b, 1, L, T) mask.
 """
 
 import torch
