@@ -4,6 +4,7 @@ greedy decoding; wall time, tokens/s, peak RSS and the cache's K/V + Mamba-state
     python bench/long_context.py --lengths 1048576 --presets tiny --decode-tokens 32     # the 1M run (hours)
     python bench/long_context.py                                     # the regular run (tiny + small, 1K ... 256K)
     python bench/long_context.py --attention-paths 4096,65536,262144     # one chunk's attention, three ways
+    python bench/long_context.py --packed-paths 4096,16384               # packed training rows, two ways
 
 The regular run, per preset (tiny, small), all in one process and one run:
 - prefill tokens/s and peak RSS vs length, chunked (1K ... 256K);
@@ -300,6 +301,31 @@ def attention_paths(contexts: list[int], chunk: int = 512) -> None:
                        "flex_max_err", "mask_bytes"])
 
 
+def packed_paths(lengths: list[int], doc_len: int = 512, rows: int = 2) -> None:
+    """Packed training rows (documents of doc_len tokens, position_ids restarting), attention forward + backward two
+    ways: SDPA under the block-diagonal (L, L) mask (the path before) and one causal SDPA per document
+    (model/attention.py's packed_causal_attention). Writes bench/results/long_context_packed.json."""
+    import torch.nn.functional as F
+
+    from nemotron3.model.attention import packed_causal_attention
+    out = []
+    for L in lengths:
+        seq_idx = (torch.arange(L) // doc_len).expand(rows, L)
+        g = torch.Generator().manual_seed(L)
+        q, k, v = (torch.randn(rows, h, L, 16, generator=g).requires_grad_() for h in (4, 2, 2))
+
+        def dense():
+            keep = torch.ones(L, L, dtype=torch.bool).tril()[None] & (seq_idx[:, :, None] == seq_idx[:, None, :])
+            F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], enable_gqa=True).sum().backward()
+        from common import best_time
+        row = dict(tokens=L, doc_len=doc_len, rows=rows, mask_fwd_bwd_s=best_time(dense, repeats=2),
+                   per_document_fwd_bwd_s=best_time(lambda: packed_causal_attention(q, k, v, seq_idx).sum()
+                                                    .backward(), repeats=2))
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    save("long_context_packed", dict(rows=out))
+
+
 def huge_run(args) -> None:
     """One prefill + decode per (preset, length), logged as it goes: the 1M-token run."""
     tag = args.tag or "_".join(str(n) for n in args.lengths)
@@ -338,11 +364,15 @@ def main(argv=None) -> None:
     ap.add_argument("--equal-lengths", type=ints, default=[4096, 16384])
     ap.add_argument("--decode-contexts", type=ints, default=[4096, 65536, 262144])
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--packed-paths", type=ints, default=None,
+                    help="only time packed-row attention (block-diagonal mask / per document) at these row lengths")
     ap.add_argument("--attention-paths", type=ints, default=None,
                     help="only time one chunk's attention (mask / log-sum-exp merge / flex) at these contexts")
     args = ap.parse_args(argv)
     if args.chunk < 1 or args.decode_tokens < 0:
         raise SystemExit("--chunk must be >= 1 and --decode-tokens >= 0.")
+    if args.packed_paths:
+        return packed_paths(args.packed_paths)
     if args.attention_paths:
         return attention_paths(args.attention_paths)
     if args.lengths is not None:

@@ -75,29 +75,31 @@ def prefix_causal_attention(q, k, v, prefix: int) -> torch.Tensor:
     return ((w1 * o1 + w2 * o2) / (w1 + w2)).to(q.dtype)
 
 
-def packed_sequence_spans(seq_idx: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every packed sequence of seq_idx (b, L) (one host sync)."""
-    b, L = seq_idx.shape
+def packed_sequence_lengths(seq_idx: torch.Tensor) -> list[list[int]]:
+    """Per row of seq_idx (b, L), the lengths of its packed sequences in order (one host sync)."""
+    L = seq_idx.shape[1]
     starts = torch.ones_like(seq_idx, dtype=torch.bool)
     starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]                                       # (b, L)
-    spans = []
-    for r, row in enumerate(starts.tolist()):
+    out = []
+    for row in starts.tolist():
         cuts = [t for t, s in enumerate(row) if s] + [L]
-        spans += [(r, a, e) for a, e in zip(cuts, cuts[1:])]
-    return spans
+        out.append([e - a for a, e in zip(cuts, cuts[1:])])
+    return out
 
 
 def packed_causal_attention(q, k, v, seq_idx: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """Block-diagonal causal attention of packed rows: each sequence of seq_idx (b, L) attends causally within
     itself. q (b, nH, L, hd); k, v (b, nKV, L, hd). One causal SDPA per sequence on its slice (memory of the
-    longest sequence, never (L, L))."""
-    out = torch.empty_like(q)
+    longest sequence, never (L, L)). Rows are cut with split and joined with cat, whose backward passes are one
+    copy each (slicing or writing per sequence would move the whole gradient once per sequence)."""
     gqa = k.shape[1] != q.shape[1]
-    for r, a, e in packed_sequence_spans(seq_idx):
-        out[r:r + 1, :, a:e] = F.scaled_dot_product_attention(q[r:r + 1, :, a:e], k[r:r + 1, :, a:e],
-                                                              v[r:r + 1, :, a:e], is_causal=e - a > 1,
+    rows = []
+    for r, sizes in enumerate(packed_sequence_lengths(seq_idx)):
+        parts = zip(*(t[r:r + 1].split(sizes, dim=2) for t in (q, k, v)))
+        rows.append(torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=qs.shape[2] > 1,
                                                               dropout_p=dropout_p, enable_gqa=gqa)
-    return out
+                               for qs, ks, vs in parts], dim=2))                            # (1, nH, L, hd)
+    return torch.cat(rows, dim=0)                                                           # (b, nH, L, hd)
 
 
 class Attention(nn.Module):
