@@ -258,6 +258,8 @@ def plot(result) -> None:
     for ax, title, ylabel in ((a, "prefill speed", "tokens / s"), (b, "peak memory (RSS)", "GiB"),
                               (c, "decode speed vs context", "tokens / s")):
         ax.set_xscale("log", base=2)
+        if ax is not b:
+            ax.set_yscale("log")
         ax.set(xlabel="tokens", ylabel=ylabel, title=title)
         ax.legend(fontsize=7)
     save_figure(fig, "long_context")
@@ -364,6 +366,7 @@ def main(argv=None) -> None:
     ap.add_argument("--equal-lengths", type=ints, default=[4096, 16384])
     ap.add_argument("--decode-contexts", type=ints, default=[4096, 65536, 262144])
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--replot", action="store_true", help="redraw long_context.png from long_context.json")
     ap.add_argument("--packed-paths", type=ints, default=None,
                     help="only time packed-row attention (block-diagonal mask / per document) at these row lengths")
     ap.add_argument("--attention-paths", type=ints, default=None,
@@ -371,6 +374,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.chunk < 1 or args.decode_tokens < 0:
         raise SystemExit("--chunk must be >= 1 and --decode-tokens >= 0.")
+    if args.replot:
+        with open(os.path.join(RESULTS, "long_context.json")) as f:
+            return plot(json.load(f))
     if args.packed_paths:
         return packed_paths(args.packed_paths)
     if args.attention_paths:
