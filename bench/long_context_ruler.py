@@ -105,9 +105,10 @@ def plot(result: dict, lengths: list[int]) -> None:
         runs = [r for r in result["runs"] if r["model"] == name]
         if not runs:
             continue
-        for r in runs:
-            ax.plot(lengths, [r["accuracy"][n] for n in lengths], "o", color=f"C{i}", alpha=0.35)
-        mean = [sum(r["accuracy"][n] for r in runs) / len(runs) for n in lengths]
+        accuracy = [{int(n): a for n, a in r["accuracy"].items()} for r in runs]    # JSON keys are strings
+        for acc in accuracy:
+            ax.plot(lengths, [acc[n] for n in lengths], "o", color=f"C{i}", alpha=0.35)
+        mean = [sum(acc[n] for acc in accuracy) / len(runs) for n in lengths]
         ax.plot(lengths, mean, "-", color=f"C{i}", label=f"{name} ({result['params'][name]:,} params, "
                                                          f"{len(runs)} seeds)")
     ax.axhline(0.1, color="grey", ls=":", label="chance (1 of 10 candidates)")
