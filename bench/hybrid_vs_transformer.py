@@ -37,7 +37,7 @@ def matched_transformer(hybrid):
         for kv in (2, heads // 2, heads):
             if kv < 1 or heads % kv:
                 continue
-            cfg = from_preset("small", layers_block_type=pattern, num_attention_heads=heads, num_key_value_heads=kv)
+            cfg = hybrid.replace(layers_block_type=pattern, num_attention_heads=heads, num_key_value_heads=kv)
             gap = abs(count_parameters(cfg)["total"] - target) / target
             if best is None or gap < best[0]:
                 best = (gap, cfg)

@@ -5,6 +5,8 @@ resume, torchrun data parallelism, metrics, plots).
     nemotron3 train --preset tiny --out runs/tiny --max-steps 300 --save-every 100
     nemotron3 train --preset tiny --out runs/tiny --max-steps 600 --save-every 100 --resume
     nemotron3 train --model runs/tiny/final --data corpus.jsonl --seq-len 512 --no-cross-document --out runs/cpt
+    nemotron3 train --model runs/tiny/final --mix 65536:0.2,4096:0.8 --batch-size 1 --constant-lr --act-ckpt \
+        --out runs/long                                  # the long-context stage (long_context.py)
 
 Per optimizer step (nemotron3_spec.md §2.2, §5.1):
     L = L_main + (lambda / D) sum_k L_k  +  aux_coeff-weighted sequence aux loss summed over MoE layers
@@ -48,6 +50,10 @@ class TrainConfig(TrainerConfig):
     uses it so that its SFT needs few steps); 0 = the plain corpus."""
     no_cross_document: bool = False
     """Keep each document to itself inside a window (position_ids restart after every end-of-document token)."""
+    mix: str = ""
+    """Long-context stage: rows of long and short documents in a ratio, e.g. 65536:0.2,4096:0.8 (LENGTH:SHARE of
+    rows; every row holds the longest length, documents kept apart by position_ids; built-in long documents;
+    --seq-len and --data are not used). Pair with --constant-lr and --act-ckpt."""
 
 
 def build_data(cfg: TrainConfig, tokenizer):
@@ -122,6 +128,8 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     if not cfg.model and model.config.vocab_size > tokenizer.vocab_size and rank == 0:
         (log or print)(f"note: {cfg.preset} has vocab_size {model.config.vocab_size} but trains on the byte "
                        f"tokenizer's 256 ids; start from --model DIR to use a checkpoint's tokenizer.")
+    if cfg.mix:
+        return _train_mix(cfg, model, tokenizer, rank, world, log)
     train_w, eval_w = build_data(cfg, tokenizer)
     sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
     eos = tokenizer.eos_token_id if cfg.no_cross_document else None
@@ -130,9 +138,27 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     if eval_w is not None:
         held_out = WindowBatches(eval_w, None, cfg.batch_size, eos).in_order(cfg.eval_batches)
         evaluation = lambda: held_out                                          # noqa: E731
-    tokenizer_files = [os.path.join(cfg.model, f) for f in ("tokenizer.json", "tokenizer_config.json")
-                       if cfg.model and os.path.exists(os.path.join(cfg.model, f))]
+    tokenizer_files = _tokenizer_files(cfg)
     return trainer.train(WindowBatches(train_w, sampler, cfg.batch_size, eos), evaluation, tokenizer_files)
+
+
+def _tokenizer_files(cfg: TrainConfig) -> list[str]:
+    """The start model's tokenizer files, copied into every saved model directory."""
+    return [os.path.join(cfg.model, f) for f in ("tokenizer.json", "tokenizer_config.json")
+            if cfg.model and os.path.exists(os.path.join(cfg.model, f))]
+
+
+def _train_mix(cfg: TrainConfig, model, tokenizer, rank: int, world: int, log) -> str:
+    """The long-context stage (--mix): mixed long / short rows of the built-in long documents (long_context.py)."""
+    from .long_context import MixedLengthRows, parse_mix
+    if cfg.data:
+        raise ValueError("--mix trains on the built-in long documents; drop --data (or drop --mix).")
+    mix = parse_mix(cfg.mix)
+    data = MixedLengthRows(tokenizer, mix, cfg.batch_size, cfg.seed, "train", rank, world)
+    held_out = MixedLengthRows(tokenizer, mix, cfg.batch_size, cfg.seed, "heldout").in_order(cfg.eval_batches)
+    trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log)
+    tokenizer_files = _tokenizer_files(cfg)
+    return trainer.train(data, lambda: held_out, tokenizer_files)
 
 
 def explain_precision(cfg: TrainConfig, model_config=None) -> str:

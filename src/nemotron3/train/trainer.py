@@ -115,6 +115,8 @@ class TrainerConfig:
     """Activation checkpointing per block: keep only block inputs, recompute the rest in backward."""
     cpu_offload: bool = False
     """FSDP2: keep the sharded parameters, gradients and optimizer state in CPU memory."""
+    constant_lr: bool = False
+    """Constant learning rate --lr from the first step (no warmup, no decay): the long-context stage's schedule."""
 
     def validate(self) -> None:
         choices = {"precision": ("fp32", "bf16", "nvfp4"), "on_nan": ("stop", "skip"), "optimizer": ("adamw", "sgd"),
@@ -192,6 +194,8 @@ class Trainer:
         decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
         self.schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start),   # short runs
                                     cfg.decay_fraction, 0.01, "minus_sqrt")
+        if cfg.constant_lr:
+            self.schedule = WSDSchedule(cfg.lr, cfg.max_steps, 0, 0.0)
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
         self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.log = log if self.rank == 0 else (lambda *_: None)      # rank 0 speaks; None: a progress bar
