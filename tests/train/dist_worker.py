@@ -4,7 +4,9 @@ is pretrain.train's body on the shared Trainer, keeping the process group for th
 MoE layer's expert-parallel traffic (rows sent off the rank) goes to OUT/traffic_rank{R}.json. A spec with
 "memory_steps": N instead runs N optimizer steps only (no evaluation, no checkpoint) and writes the rank's peak
 resident memory above what it held before the model was built to OUT/memory_rank{R}.json (run it first: the
-peak is the process's)."""
+peak is the process's). A spec with "load_only": true builds the model from its --model directory and sets up the
+Trainer (which shards it and has each rank read its shards), then writes the gathered weights to OUT/loaded.safetensors
+and each rank's peak memory above the start to OUT/memory_rank{R}.json."""
 
 import json
 import os
@@ -12,10 +14,12 @@ import sys
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from nemotron3.train.data import ResumableSampler
 from nemotron3.train.lm_loss import LMLoss
 from nemotron3.train.pretrain import TrainConfig, WindowBatches, build_data
+from nemotron3.train.parallelize import full_state_dict
 from nemotron3.train.trainer import Trainer, build_model, distributed
 
 
@@ -26,11 +30,20 @@ def resident_bytes(field: str = "VmRSS") -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def run(cfg: TrainConfig, memory_steps: int = 0) -> None:
+def run(cfg: TrainConfig, memory_steps: int = 0, load_only: bool = False) -> None:
     rank, world = distributed()
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])     # the optimizer's imports (~100 MB) are library code
     before = resident_bytes()
     model, tokenizer = build_model(cfg)
+    if load_only:
+        trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log=lambda *_: None)
+        state = full_state_dict(trainer.model)
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, f"memory_rank{rank}.json"), "w") as f:
+            json.dump({"peak": resident_bytes("VmHWM") - before}, f)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(cfg.out, "loaded.safetensors"))
+        return
     train_w, eval_w = build_data(cfg, tokenizer)
     sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
     trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log=lambda *_: None)
@@ -52,7 +65,8 @@ def run(cfg: TrainConfig, memory_steps: int = 0) -> None:
 
 if __name__ == "__main__":
     for spec in json.loads(sys.argv[1]):
-        run(TrainConfig(**{k: v for k, v in spec.items() if k != "memory_steps"}), spec.get("memory_steps", 0))
+        run(TrainConfig(**{k: v for k, v in spec.items() if k not in ("memory_steps", "load_only")}),
+            spec.get("memory_steps", 0), spec.get("load_only", False))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), dp=2 x ep=2 on 4 processes,
 replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL mid-run resumed on another world size and (dp, ep) layout, and
-the export of a sharded checkpoint, and the memory planner on an expert-parallel run. Oracle: one process training the same global batch (4 sequences per step) with
+the export of a sharded checkpoint, and the memory planner on an expert-parallel run; a Hugging Face-layout model
+(--model DIR) and an unsharded run's checkpoint (--resume) read into a dp 2 x ep 2 model shard by shard. Oracle: one process training the same global batch (4 sequences per step) with
 the tiny preset, which has MTP (2 depths), LatentMoE, the sequence aux loss and the expert-bias update all on;
 transformers' NemotronHForCausalLM for the exported checkpoint.
 
@@ -15,6 +16,7 @@ coordinate by at most about lr_t: |m^| <= sqrt(v^) when beta1^2 <= beta2)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,11 +110,20 @@ def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_ex
     os.killpg(proc.pid, signal.SIGKILL)                                            # torchrun and its 2 workers
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "final"))                        # really killed mid-run
-    fresh = str(tmp_path / "dp2ep2")
-    torchrun(4, [dict(COMMON, out=fresh, batch_size=1, ep=2),
-                 dict(COMMON, out=killed, batch_size=1, ep=2, resume=True)])
+    fresh, from_hf, loaded = str(tmp_path / "dp2ep2"), str(tmp_path / "from_hf"), str(tmp_path / "loaded")
+    shutil.copytree(oracle, from_hf)                  # the one-process run's step_4 (Hugging Face layout) ...
+    for name in ("final", os.path.join("checkpoints", "step_6")):
+        shutil.rmtree(os.path.join(from_hf, name))
+    torchrun(4, [dict(COMMON, out=loaded, model=os.path.join(oracle, "final"), ep=2, load_only=True),
+                 dict(COMMON, out=fresh, batch_size=1, ep=2),
+                 dict(COMMON, out=killed, batch_size=1, ep=2, resume=True),
+                 dict(COMMON, out=from_hf, batch_size=1, ep=2, resume=True)])    # ... resumed sharded, dp 2 x ep 2
     assert_same_run(fresh, oracle)
     assert_same_run(killed, oracle)
+    assert_same_run(from_hf, oracle)
+    got = load_file(os.path.join(loaded, "loaded.safetensors"))                      # --model DIR, read in shards
+    want = NemotronForCausalLM.from_pretrained(os.path.join(oracle, "final")).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert [json.loads(line)["step"] for line in open(os.path.join(killed, "metrics.jsonl"))] == list(range(1, 7))
 
     hf_dir = export_checkpoint(os.path.join(fresh, "checkpoints", "step_6"), str(tmp_path / "hf"))

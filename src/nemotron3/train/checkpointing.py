@@ -151,21 +151,25 @@ def export_checkpoint(path: str, out_dir: str) -> str:
 
 def load_checkpoint(path: str, model, optimizer) -> dict:
     """Restore model weights, optimizer state and RNG states in place; returns trainer_state.json. A sharded (DCP)
-    checkpoint loads into any layout (resharding); a Hugging Face-layout one into an unsharded model."""
+    checkpoint loads into any layout (resharding); a Hugging Face-layout one (an unsharded run's) too, each rank of a
+    sharded model reading only its shards of the weights and optimizer moments."""
     from safetensors.torch import load_file
 
+    from ..checkpoint import load_into_shards
     from ..model import NemotronForCausalLM
     from .parallelize import is_sharded_model
     if is_sharded(path):
         return _load_sharded_checkpoint(path, model, optimizer)
-    if is_sharded_model(model):
-        raise ValueError(f"{path} was written by an unsharded run; resume it with one process (or --no-fsdp), or "
-                         f"start the sharded run with --model on its weights.")
-    model.load_state_dict(NemotronForCausalLM.from_pretrained(path).state_dict())   # copies into existing tensors
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
-    tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
-    _optimizer_from_flat(model, optimizer, tensors, state["optimizer"])
+    if is_sharded_model(model):          # an unsharded run's checkpoint: each rank reads its shards of it
+        load_into_shards(model, path)
+        tensors = _sharded_optimizer_from_file(model, optimizer, os.path.join(path, "trainer_state.safetensors"),
+                                               state["optimizer"])
+    else:
+        model.load_state_dict(NemotronForCausalLM.from_pretrained(path).state_dict())   # copies into the tensors
+        tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
+        _optimizer_from_flat(model, optimizer, tensors, state["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
     random.setstate(_tuples(state["python_random"]))
     np.random.set_state(tuple(_tuples(state["numpy_random"])))
@@ -187,15 +191,45 @@ def _optimizer_to_flat(model, optimizer):
 
 def _optimizer_from_flat(model, optimizer, tensors, scalars):
     params = dict(model.named_parameters())
-    for g, saved in zip(optimizer.param_groups, scalars["param_groups"]):
-        g.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-    optimizer.state.clear()
+    _restore_groups(optimizer, scalars)
     for key, v in tensors.items():
         if key.startswith("opt."):
             pname, k = key[4:].rsplit(".", 1)
             optimizer.state[params[pname]][k] = v.to(params[pname].device, copy=True)
     for pname, st in scalars["state"].items():
         optimizer.state[params[pname]].update(st)
+
+
+def _sharded_optimizer_from_file(model, optimizer, file: str, scalars) -> dict:
+    """_optimizer_from_flat for a sharded model reading an unsharded run's trainer_state.safetensors: a moment
+    tensor of a sharded parameter is read as the rank's box of it only. Returns {"rng.torch": ...}."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    from ..checkpoint import local_box, read_box
+    params = dict(model.named_parameters())
+    _restore_groups(optimizer, scalars)
+    f = safe_open(file, "pt")
+    for key in f.keys():
+        if key.startswith("opt."):
+            pname, k = key[4:].rsplit(".", 1)
+            p = params[pname]
+            if isinstance(p, DTensor) and tuple(f.get_slice(key).get_shape()) == tuple(p.shape):
+                local, box = local_box(p)
+                v = DTensor.from_local(read_box(f, key, box).to(local.device), p.device_mesh, p.placements,
+                                       run_check=False, shape=p.shape, stride=p.stride())
+            else:                                           # Adam's step count, a replicated parameter's moments
+                v = f.get_tensor(key).to(p.device)
+            optimizer.state[p][k] = v
+    for pname, st in scalars["state"].items():
+        optimizer.state[params[pname]].update(st)
+    return {"rng.torch": f.get_tensor("rng.torch")}
+
+
+def _restore_groups(optimizer, scalars) -> None:
+    for g, saved in zip(optimizer.param_groups, scalars["param_groups"]):
+        g.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    optimizer.state.clear()
 
 
 def _jsonable(x):

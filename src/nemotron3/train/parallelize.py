@@ -33,10 +33,11 @@ def blocks(model) -> list:
 
 
 def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: bool = False,
-                cpu_offload: bool = False, bf16: bool = False):
+                cpu_offload: bool = False, bf16: bool = False, device: torch.device | None = None):
     """Apply activation checkpointing, expert parallelism and FSDP2 to `model` in place (every rank must hold the
     same weights). Returns the ("dp", "ep") DeviceMesh, or None when nothing is sharded (one rank, or --no-fsdp).
-    bf16: FSDP2 mixed precision (bf16 compute copies of the weights, fp32 gradient reduction), for GPUs."""
+    bf16: FSDP2 mixed precision (bf16 compute copies of the weights, fp32 gradient reduction), for GPUs.
+    device: where the weights will live, for a model still on the meta device (filled after sharding)."""
     if world % ep:
         raise ValueError(f"--ep {ep} does not divide the {world} ranks; use an ep that divides --nproc_per_node.")
     if act_ckpt:
@@ -50,7 +51,7 @@ def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: boo
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
     every_rank = mesh["dp", "ep"]._flatten("dp_ep")
     policy = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

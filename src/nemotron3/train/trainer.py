@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from ..checkpoint import save_pretrained
+from ..checkpoint import load_into_shards, save_pretrained
 from ..config import from_preset
 from ..model import NemotronForCausalLM
 from ..model.moe import MoE
@@ -137,7 +137,12 @@ def build_model(cfg: TrainerConfig, model_config=None, device="cpu"):
     """(model, tokenizer): from --model DIR with its tokenizer (bytes if it has no tokenizer.json), else the preset
     (or model_config) with fresh weights and the byte tokenizer."""
     from ..tokenizer import ByteTokenizer, load_tokenizer
-    if cfg.model:
+    if cfg.model and shards_weights(cfg):       # built empty; each rank reads its shards after parallelize
+        from ..config import NemotronConfig
+        with torch.device("meta"):
+            model = NemotronForCausalLM(NemotronConfig.from_json_file(cfg.model))
+        tokenizer = load_tokenizer(cfg.model, model.config.vocab_size)
+    elif cfg.model:
         model = NemotronForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
         tokenizer = load_tokenizer(cfg.model, model.config.vocab_size)
     else:
@@ -147,7 +152,12 @@ def build_model(cfg: TrainerConfig, model_config=None, device="cpu"):
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the model has vocab_size {model.config.vocab_size} < the tokenizer's "
                          f"{tokenizer.vocab_size}; use a model whose embedding covers its tokenizer.")
-    return model.to(device).train(), tokenizer
+    return (model if model.lm_head.weight.is_meta else model.to(device)).train(), tokenizer
+
+
+def shards_weights(cfg: TrainerConfig) -> bool:
+    """Whether this run shards the weights across ranks (torchrun with more than one process, FSDP2 on)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.no_fsdp
 
 
 def resolve_device(cfg: TrainerConfig) -> torch.device:
@@ -180,14 +190,17 @@ class Trainer:
         cfg.validate()
         self.cfg, self.model, self.loss = cfg, model, loss
         self.rank, self.world = distributed()
-        self.device = next(model.parameters()).device
+        meta = next(model.parameters()).is_meta       # built by build_model to be filled shard by shard
+        self.device = resolve_device(cfg) if meta else next(model.parameters()).device
         self.quant = apply_recipe(model, nvfp4_recipe(cfg)) if cfg.precision == "nvfp4" else None
         bf16 = cfg.precision == "bf16" or (cfg.precision == "nvfp4" and self.device.type == "cuda")
         self.mesh = None
         if not isinstance(model, FSDPModule):          # a model sharded by an earlier Trainer stays as it is
             self.mesh = parallelize(model, self.world, cfg.ep, not cfg.no_fsdp, cfg.act_ckpt, cfg.cpu_offload,
-                                    bf16 and self.device.type == "cuda")
+                                    bf16 and self.device.type == "cuda", self.device)
         self.sharded = isinstance(model, FSDPModule)
+        if meta:
+            load_into_shards(model, cfg.model, self.device)
         self.optimizer = make_optimizer(model, cfg)
         decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
         self.schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start),   # short runs
