@@ -1,4 +1,5 @@
-"""Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), dp=2 x ep=2 on 4 processes,
+"""Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), tensor parallelism (tp=2),
+dp=2 x ep=2 on 4 processes,
 replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL mid-run resumed on another world size and (dp, ep) layout, and
 the export of a sharded checkpoint, and the memory planner on an expert-parallel run; a Hugging Face-layout model
 (--model DIR) and an unsharded run's checkpoint (--resume) read into a dp 2 x ep 2 model shard by shard. Oracle: one process training the same global batch (4 sequences per step) with
@@ -73,9 +74,11 @@ def assert_same_run(run, oracle, atol=1e-5):
 def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tmp_path):
     sgd = one_process(tmp_path / "one")
     adam = one_process(tmp_path / "one_adam", optimizer="adamw", lr=3e-3)
-    dp2, ep2, dp2_adam, memory, ddp = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory", "ddp"))
+    dp2, ep2, dp2_adam, memory, ddp, tp2 = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory", "ddp",
+                                                                        "tp2"))
     torchrun(2, [dict(MEMORY_RUN, out=memory, ep=2),              # first: its peak is the process's
                  dict(COMMON, out=dp2, batch_size=2),
+                 dict(COMMON, out=tp2, batch_size=4, tp=2),      # dp 1 x tp 2: both ranks read the same 4 rows
                  dict(COMMON, out=ep2, batch_size=2, ep=2, act_ckpt=True),
                  dict(COMMON, out=dp2_adam, batch_size=2, optimizer="adamw", lr=3e-3, cpu_offload=True),
                  dict(COMMON, out=ddp, batch_size=2, no_fsdp=True)])
@@ -86,6 +89,9 @@ def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tm
     assert_same_run(dp2, sgd)
     assert_same_run(ep2, sgd)
     assert_same_run(ddp, sgd)
+    assert_same_run(tp2, sgd)
+    for rank in (0, 1):                   # 64 query features split by heads over tp 2 (dp 1: FSDP2 keeps them all)
+        assert json.load(open(os.path.join(tp2, f"shapes_rank{rank}.json")))["q_proj_local"] == [32, 64]
     assert not torch.equal(weights(sgd)["lm_head.weight"], load_file(os.path.join(
         sgd, "checkpoints", "step_4", "model.safetensors"))["lm_head.weight"])             # it trained
     rows = json.load(open(os.path.join(ep2, "traffic_rank0.json")))

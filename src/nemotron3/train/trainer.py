@@ -109,6 +109,9 @@ class TrainerConfig:
     ep: int = 1
     """Expert parallelism under torchrun: each group of ep ranks shares one copy of the experts (E/ep per rank);
     the data-parallel degree is nproc / ep and --batch-size stays per rank."""
+    tp: int = 1
+    """Tensor parallelism under torchrun (meant for GPUs): attention and dense MLPs split column / row-wise over tp
+    ranks, which read the same batch; the data-parallel degree is nproc / tp. Not with --ep (yet)."""
     no_fsdp: bool = False
     """Under torchrun, keep every weight on every rank and all-reduce the gradients (no FSDP2 sharding)."""
     act_ckpt: bool = False
@@ -123,7 +126,7 @@ class TrainerConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: use {', '.join(allowed[:-1])} or "
                                  f"{allowed[-1]}.")
-        for name in ("max_steps", "save_every", "keep_last", "batch_size", "grad_accum", "eval_every", "ep"):
+        for name in ("max_steps", "save_every", "keep_last", "batch_size", "grad_accum", "eval_every", "ep", "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1.")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -197,7 +200,9 @@ class Trainer:
         self.mesh = None
         if not isinstance(model, FSDPModule):          # a model sharded by an earlier Trainer stays as it is
             self.mesh = parallelize(model, self.world, cfg.ep, not cfg.no_fsdp, cfg.act_ckpt, cfg.cpu_offload,
-                                    bf16 and self.device.type == "cuda", self.device)
+                                    bf16 and self.device.type == "cuda", self.device, cfg.tp)
+        # totals, statistics and expert loads are summed over the data-parallel ranks (tp ranks see the same batch)
+        self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None and cfg.tp > 1 else None
         self.sharded = isinstance(model, FSDPModule)
         if meta:
             load_into_shards(model, cfg.model, self.device)
@@ -226,7 +231,7 @@ class Trainer:
         if self.world > 1 and across_ranks:
             import torch.distributed as dist
             for v in totals.values():
-                dist.all_reduce(v)
+                dist.all_reduce(v, group=self.dp_group)
         return totals
 
     def forward_backward_step(self, batch: dict, totals: dict) -> dict[str, torch.Tensor]:
@@ -252,7 +257,8 @@ class Trainer:
                             [sum(b["input_ids"].numel() for b in batches) * torch.ones((), dtype=torch.float64,
                                                                                         device=self.device)])
         if self.world > 1:              # FSDP2 has summed the gradients already; replicated weights sum them here
-            _all_reduce_sum([] if self.sharded else list(self.model.parameters()), self.expert_counts, stats)
+            _all_reduce_sum([] if self.sharded else list(self.model.parameters()), self.expert_counts, stats,
+                            self.dp_group)
         values = stats.tolist()
         return dict(zip(names, values[:-1]), tokens=values[-1])
 
@@ -430,7 +436,14 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _all_reduce_sum(params: list, counts: dict, stats: torch.Tensor) -> None:
+def data_parallel_rank(cfg: TrainerConfig) -> tuple[int, int]:
+    """(this rank's data shard, number of data shards): every rank its own batch, except that the tp ranks of a
+    tensor-parallel group (consecutive ranks) read the same one."""
+    rank, world = distributed()
+    return rank // cfg.tp, world // cfg.tp
+
+
+def _all_reduce_sum(params: list, counts: dict, stats: torch.Tensor, group=None) -> None:
     """DDP by hand (--no-fsdp): one all-reduce of all gradients of `params` (flattened), summed over ranks (each
     rank's loss is already divided by the global totals). A rank whose tokens never reached some expert contributes
     zeros for it, so MoE needs no find_unused_parameters. Expert loads and the logged statistics are summed too."""
@@ -446,8 +459,8 @@ def _all_reduce_sum(params: list, counts: dict, stats: torch.Tensor) -> None:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
     for c in counts.values():
-        dist.all_reduce(c)
-    dist.all_reduce(stats)
+        dist.all_reduce(c, group=group)
+    dist.all_reduce(stats, group=group)
 
 
 def read_last_metrics(run_dir: str) -> dict:
