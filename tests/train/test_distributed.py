@@ -71,14 +71,22 @@ def assert_same_run(run, oracle, atol=1e-5):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
+def assert_loaded_exactly(loaded, model_dir):
+    """The weights a sharded run read rank by rank (gathered to OUT/loaded.safetensors) equal from_pretrained's."""
+    got = load_file(os.path.join(loaded, "loaded.safetensors"))
+    want = NemotronForCausalLM.from_pretrained(model_dir).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tmp_path):
     sgd = one_process(tmp_path / "one")
     adam = one_process(tmp_path / "one_adam", optimizer="adamw", lr=3e-3)
-    dp2, ep2, dp2_adam, memory, ddp, tp2 = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory", "ddp",
-                                                                        "tp2"))
+    dp2, ep2, dp2_adam, memory, ddp, tp2, loaded = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory",
+                                                                                "ddp", "tp2", "loaded"))
     torchrun(2, [dict(MEMORY_RUN, out=memory, ep=2),              # first: its peak is the process's
                  dict(COMMON, out=dp2, batch_size=2),
                  dict(COMMON, out=tp2, batch_size=4, tp=2),      # dp 1 x tp 2: both ranks read the same 4 rows
+                 dict(COMMON, out=loaded, model=os.path.join(sgd, "final"), tp=2, load_only=True),
                  dict(COMMON, out=ep2, batch_size=2, ep=2, act_ckpt=True),
                  dict(COMMON, out=dp2_adam, batch_size=2, optimizer="adamw", lr=3e-3, cpu_offload=True),
                  dict(COMMON, out=ddp, batch_size=2, no_fsdp=True)])
@@ -90,6 +98,7 @@ def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tm
     assert_same_run(ep2, sgd)
     assert_same_run(ddp, sgd)
     assert_same_run(tp2, sgd)
+    assert_loaded_exactly(loaded, os.path.join(sgd, "final"))          # --model DIR read shard by shard under tp 2
     for rank in (0, 1):                   # 64 query features split by heads over tp 2 (dp 1: FSDP2 keeps them all)
         assert json.load(open(os.path.join(tp2, f"shapes_rank{rank}.json")))["q_proj_local"] == [32, 64]
     assert not torch.equal(weights(sgd)["lm_head.weight"], load_file(os.path.join(
@@ -127,9 +136,7 @@ def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_ex
     assert_same_run(fresh, oracle)
     assert_same_run(killed, oracle)
     assert_same_run(from_hf, oracle)
-    got = load_file(os.path.join(loaded, "loaded.safetensors"))                      # --model DIR, read in shards
-    want = NemotronForCausalLM.from_pretrained(os.path.join(oracle, "final")).state_dict()
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert_loaded_exactly(loaded, os.path.join(oracle, "final"))         # --model DIR read shard by shard
     assert [json.loads(line)["step"] for line in open(os.path.join(killed, "metrics.jsonl"))] == list(range(1, 7))
 
     hf_dir = export_checkpoint(os.path.join(fresh, "checkpoints", "step_6"), str(tmp_path / "hf"))
