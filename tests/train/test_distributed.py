@@ -2,7 +2,8 @@
 dp=2 x ep=2 on 4 processes,
 replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL mid-run resumed on another world size and (dp, ep) layout, and
 the export of a sharded checkpoint, and the memory planner on an expert-parallel run; a Hugging Face-layout model
-(--model DIR) and an unsharded run's checkpoint (--resume) read into a dp 2 x ep 2 model shard by shard. Oracle: one process training the same global batch (4 sequences per step) with
+(--model DIR) and an unsharded run's checkpoint (--resume) read into a dp 2 x ep 2 model shard by shard; the
+killed run and the exported one save asynchronously (--async-save). Oracle: one process training the same global batch (4 sequences per step) with
 the tiny preset, which has MTP (2 depths), LatentMoE, the sequence aux loss and the expert-bias update all on;
 transformers' NemotronHForCausalLM for the exported checkpoint.
 
@@ -117,7 +118,7 @@ def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tm
 def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_exports(tmp_path):
     oracle = one_process(tmp_path / "one")
     killed = str(tmp_path / "killed")
-    proc = torchrun(2, [dict(COMMON, out=killed, batch_size=2)], wait=False)
+    proc = torchrun(2, [dict(COMMON, out=killed, batch_size=2, async_save=True)], wait=False)
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(killed, "checkpoints", "step_2", "trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -130,7 +131,7 @@ def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_ex
     for name in ("final", os.path.join("checkpoints", "step_6")):
         shutil.rmtree(os.path.join(from_hf, name))
     torchrun(4, [dict(COMMON, out=loaded, model=os.path.join(oracle, "final"), ep=2, load_only=True),
-                 dict(COMMON, out=fresh, batch_size=1, ep=2),
+                 dict(COMMON, out=fresh, batch_size=1, ep=2, async_save=True),
                  dict(COMMON, out=killed, batch_size=1, ep=2, resume=True),
                  dict(COMMON, out=from_hf, batch_size=1, ep=2, resume=True)])    # ... resumed sharded, dp 2 x ep 2
     assert_same_run(fresh, oracle)

@@ -117,6 +117,9 @@ class TrainerConfig:
     act_ckpt: bool = False
     """Activation checkpointing per block: keep only block inputs, recompute the rest in backward."""
     cpu_offload: bool = False
+    async_save: bool = False
+    """Sharded runs: write checkpoints in the background (dcp.async_save) while training continues; step_N appears
+    (atomically) once every rank has finished writing it, at the next save or the end of the run."""
     """FSDP2: keep the sharded parameters, gradients and optimizer state in CPU memory."""
 
     def validate(self) -> None:
@@ -216,6 +219,7 @@ class Trainer:
         self.config_record = config_record if config_record is not None else asdict(cfg)
         self.step = 0
         self.expert_counts: dict[int, torch.Tensor] = {}
+        self.pending_save = None          # an --async-save checkpoint not yet complete
         self.end_process_group = True     # train() leaves the process group at the end (False: run another)
 
     # ---- one micro-batch, one optimizer step ----
@@ -364,8 +368,10 @@ class Trainer:
                     extra = {"data": data.state_dict() if hasattr(data, "state_dict") else None,
                              "config": self.config_record}
                     if self.sharded:        # every rank writes its shards (DCP)
+                        self._finish_save()
                         saved = save_sharded_checkpoint(cfg.out, step, self.model, self.optimizer, extra,
-                                                        cfg.keep_last, save_extra)
+                                                        cfg.keep_last, save_extra, cfg.async_save)
+                        self.pending_save = saved if cfg.async_save else None
                     elif rank == 0:
                         saved = save_checkpoint(cfg.out, step, self.model, self.optimizer, extra, cfg.keep_last)
                         _copy_into(save_extra, saved)
@@ -373,6 +379,7 @@ class Trainer:
             metrics.close()
             if bar is not None:
                 bar.close()
+        self._finish_save()
         final = os.path.join(cfg.out, "final")
         state = full_state_dict(self.model)          # gathered onto rank 0 when sharded
         if rank == 0:
@@ -386,6 +393,12 @@ class Trainer:
             if self.end_process_group:
                 dist.destroy_process_group()
         return final
+
+    def _finish_save(self) -> None:
+        """Complete a checkpoint still being written in the background (--async-save)."""
+        if self.pending_save is not None:
+            self.pending_save.finish()
+            self.pending_save = None
 
     def _report(self, record: dict, bar, t_start: float, start_step: int) -> None:
         loss, step, cfg = record["loss"], record["step"], self.cfg
