@@ -38,10 +38,10 @@ def run(cfg: TrainConfig, memory_steps: int = 0, load_only: bool = False) -> Non
     model, tokenizer = build_model(cfg)
     if load_only:
         trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log=lambda *_: None)
-        state = full_state_dict(trainer.model)
         os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, f"memory_rank{rank}.json"), "w") as f:
+        with open(os.path.join(cfg.out, f"memory_rank{rank}.json"), "w") as f:     # before rank 0 gathers it all
             json.dump({"peak": resident_bytes("VmHWM") - before}, f)
+        state = full_state_dict(trainer.model)
         if rank == 0:
             save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(cfg.out, "loaded.safetensors"))
         return
