@@ -8,6 +8,8 @@ conversion_mapping does the same). Both layouts, and a `model.` prefix instead o
 Saving writes every file into a temporary sibling directory and then swaps it in with renames, so a crash never
 leaves a half-written checkpoint. Loading never unpickles: safetensors only. A checkpoint with missing, unexpected
 or wrongly shaped tensors fails with the list of offending names; a truncated or corrupt file fails naming the file.
+A sharded model (FSDP2 / expert / tensor parallel under torchrun) is filled by load_into_shards instead: every rank
+reads only the boxes of the tensors its shards cover (safetensors get_slice), never the whole model.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ loss by those totals; so accumulation and data parallelism give the gradient of 
 number of valid targets in each micro-batch. Gradients are then summed over ranks (not averaged).
 The data iterator may offer state_dict() / load_state_dict() (as ResumableSampler does): checkpoints keep it.
 Under torchrun, parallelize.py shards the model from outside (FSDP2 per block, expert parallelism with --ep,
-activation checkpointing with --act-ckpt) and checkpoints become DCP shards (checkpointing.py); --no-fsdp keeps
-whole weights on every rank and sums their gradients with one flattened all-reduce.
+activation checkpointing with --act-ckpt, tensor parallelism with --tp) and checkpoints become DCP shards
+(checkpointing.py, --async-save to write them in the background); --model DIR then builds the model on the meta
+device and each rank reads only its shards of the weights (checkpoint.load_into_shards); --no-fsdp keeps whole
+weights on every rank and sums their gradients with one flattened all-reduce.
 """
 
 from __future__ import annotations
