@@ -1,11 +1,11 @@
 """Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), dp=2 x ep=2 and dp=2 x tp=2
-(tensor parallel) on 4 processes,
-replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL mid-run resumed on another world size and (dp, ep) layout, and
-the export of a sharded checkpoint, and the memory planner on an expert-parallel run; a Hugging Face-layout model
-(--model DIR) and an unsharded run's checkpoint (--resume) read shard by shard into tp 2 and dp 2 x ep 2 models; the
-killed run and the exported one save asynchronously (--async-save). Oracle: one process training the same global batch (4 sequences per step) with
-the tiny preset, which has MTP (2 depths), LatentMoE, the sequence aux loss and the expert-bias update all on;
-transformers' NemotronHForCausalLM for the exported checkpoint.
+(tensor parallel) on 4 processes, replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL
+mid-run (asynchronous saves, --async-save) resumed on another world size and (dp, ep) layout, the export of a
+sharded checkpoint, the memory planner on an expert-parallel run, and a Hugging Face-layout model (--model DIR) and
+an unsharded run's checkpoint (--resume) read shard by shard into tp 2 and dp 2 x ep 2 models. Oracle: one process
+training the same global batch (4 sequences per step) with the tiny preset, which has MTP (2 depths), LatentMoE, the
+sequence aux loss and the expert-bias update all on; from_pretrained for the shard-by-shard loads; transformers'
+NemotronHForCausalLM for the exported checkpoint.
 
 Tolerances. SGD: loss curve and weights within 1e-5 (only float summation order differs: the ranks' gradient
 shards are summed by reduce-scatter instead of in one backward). AdamW divides each coordinate by its own running
