@@ -9,7 +9,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nemotron3 import NemotronForCausalLM, from_preset
-from nemotron3.checkpoint import CheckpointError
+from nemotron3.checkpoint import CheckpointError, load_into_shards
+from nemotron3.config import NemotronConfig
+
+
+def load_box_by_box(path):
+    """The sharded runs' loader in one process: a meta-device model filled by load_into_shards (whole boxes)."""
+    with torch.device("meta"):
+        model = NemotronForCausalLM(NemotronConfig.from_json_file(path))
+    load_into_shards(model, path, "cpu")
+    return model
+
+
+LOADERS = [NemotronForCausalLM.from_pretrained, load_box_by_box]
 
 
 @pytest.fixture
@@ -80,7 +92,18 @@ def _rewrite(path, fn):
     save_file(tensors, path / "model.safetensors")
 
 
-def test_missing_unexpected_and_misshapen_tensors_are_listed(tiny):
+def test_box_by_box_loader_reads_what_from_pretrained_reads_from_sharded_files(tiny, tmp_path):
+    model, _ = tiny
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    got, want = load_box_by_box(tmp_path / "sharded").state_dict(), model.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]) or k.endswith("tokens_per_expert"), k
+    assert all(not got[k].any() for k in got if k.endswith("tokens_per_expert"))      # buffers start at zero
+
+
+@pytest.mark.parametrize("load", LOADERS)
+def test_missing_unexpected_and_misshapen_tensors_are_listed(tiny, load):
     _, path = tiny
 
     def damage(t):
@@ -89,18 +112,19 @@ def test_missing_unexpected_and_misshapen_tensors_are_listed(tiny):
         t["backbone.norm_f.weight"] = torch.zeros(3)
     _rewrite(path, damage)
     with pytest.raises(CheckpointError) as e:
-        NemotronForCausalLM.from_pretrained(path)
+        load(path)
     msg = str(e.value)
     assert "missing (1): backbone.layers.0.mixer.D" in msg
     assert "unexpected (1): backbone.layers.0.mixer.extra" in msg
     assert "backbone.norm_f.weight: checkpoint (3,) vs model (64,)" in msg
 
 
-def test_missing_expert_is_named(tiny):
+@pytest.mark.parametrize("load", LOADERS)
+def test_missing_expert_is_named(tiny, load):
     _, path = tiny
     _rewrite(path, lambda t: t.pop("backbone.layers.7.mixer.experts.5.down_proj.weight"))
     with pytest.raises(CheckpointError, match=r"experts\.\*\.down_proj.*missing \[5\]"):
-        NemotronForCausalLM.from_pretrained(path)
+        load(path)
 
 
 def test_truncated_file_fails_clearly(tiny):

@@ -8,6 +8,8 @@ conversion_mapping does the same). Both layouts, and a `model.` prefix instead o
 Saving writes every file into a temporary sibling directory and then swaps it in with renames, so a crash never
 leaves a half-written checkpoint. Loading never unpickles: safetensors only. A checkpoint with missing, unexpected
 or wrongly shaped tensors fails with the list of offending names; a truncated or corrupt file fails naming the file.
+A sharded model (FSDP2 / expert / tensor parallel under torchrun) is filled by load_into_shards instead: every rank
+reads only the boxes of the tensors its shards cover (safetensors get_slice), never the whole model.
 """
 
 from __future__ import annotations
@@ -156,25 +158,52 @@ def _read_tensors(files: list[str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _our_name(disk_name: str) -> tuple[str, int | None]:
+    """A disk name -> (our name, expert index or None): `model.` -> `backbone.`, per-expert tensors -> the fused one."""
+    if disk_name.startswith("model."):
+        disk_name = "backbone." + disk_name[len("model."):]
+    if m := _PER_EXPERT.match(disk_name):
+        return f"{m[1]}.{m[3]}", int(m[2])
+    return disk_name, None
+
+
+def _check_experts(name: str, found, num_experts: int) -> None:
+    want = set(range(num_experts))
+    if set(found) != want:
+        prefix, proj = name.rsplit(".", 1)
+        raise CheckpointError(f"{prefix}.*.{proj}.weight: expected experts 0..{num_experts - 1}, found "
+                              f"missing {sorted(want - set(found))} / unexpected {sorted(set(found) - want)} "
+                              f"(have {len(set(found))}); does n_routed_experts in config.json match the weights?")
+
+
 def from_disk_names(tensors: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
     """Rename to our module names: `model.` -> `backbone.`, per-expert tensors stacked into fused 3-D ones."""
     out, experts = {}, defaultdict(dict)
-    for name, t in tensors.items():
-        if name.startswith("model."):
-            name = "backbone." + name[len("model."):]
-        if m := _PER_EXPERT.match(name):
-            experts[(m[1], m[3])][int(m[2])] = t
-        else:
+    for disk_name, t in tensors.items():
+        name, e = _our_name(disk_name)
+        if e is None:
             out[name] = t
-    for (prefix, proj), per in experts.items():
-        want = set(range(num_experts))
-        if set(per) != want:
-            got = sorted(per)
-            raise CheckpointError(f"{prefix}.*.{proj}.weight: expected experts 0..{num_experts - 1}, found "
-                                  f"missing {sorted(want - set(per))} / unexpected {sorted(set(per) - want)} "
-                                  f"(have {len(got)}); does n_routed_experts in config.json match the weights?")
-        out[f"{prefix}.{proj}"] = torch.stack([per[e] for e in range(num_experts)])
+        else:
+            experts[name][e] = t
+    for name, per in experts.items():
+        _check_experts(name, per, num_experts)
+        out[name] = torch.stack([per[e] for e in range(num_experts)])
     return out
+
+
+def _check_names(ckpt_dir: str, expected: dict, found: dict) -> None:
+    """expected / found: {name: shape}. Raises one CheckpointError listing every missing, unexpected and wrongly
+    shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
+                   for k in set(expected) & set(found) if tuple(found[k]) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(names)}): {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if names]
+        raise CheckpointError(f"{ckpt_dir} does not match its config.json:\n  " + "\n  ".join(parts) +
+                              "\nCheck that config.json belongs to these weights (layer pattern, sizes, experts).")
 
 
 SMALL_MODEL_BYTES = 1 << 30
@@ -214,16 +243,7 @@ def load_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=N
         tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]
     if config.num_nextn_predict_layers == 0:     # an MTP-less config ignores MTP weights, as transformers does
         tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-                   for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{label} ({len(names)}): {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}"
-                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if names]
-        raise CheckpointError(f"{ckpt_dir} does not match its config.json:\n  " + "\n  ".join(parts) +
-                              "\nCheck that config.json belongs to these weights (layer pattern, sizes, experts).")
+    _check_names(ckpt_dir, {k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()})
     for k, t in tensors.items():
         if k.endswith("e_score_correction_bias"):
             tensors[k] = t.float()                              # routing bias stays float32 (as HF)
@@ -239,3 +259,70 @@ def load_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=N
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
     return model.eval()
+
+
+def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(the rank's local tensor, the box of the global tensor it holds): for a DTensor (sharded by FSDP2, expert or
+    tensor parallelism, on any mesh) its local shard and the offsets its placements give it; a plain tensor is its
+    own whole box."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    if not isinstance(t, DTensor):
+        return t, tuple(slice(0, n) for n in t.shape)
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def read_box(f, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+    """One box of tensor `name` of an open safetensors file: only those bytes are read."""
+    return f.get_slice(name)[box] if box else f.get_tensor(name)
+
+
+def load_into_shards(model, ckpt_dir, device=None) -> None:
+    """Fill a sharded model (FSDP2 / expert / tensor parallel DTensors) from a Hugging Face-layout checkpoint, each
+    rank reading only its own shards: for every tensor the rank's box of the global tensor (local_box) is read with
+    safetensors' get_slice, which copies just those bytes from the file. No rank ever holds the whole model;
+    replicated tensors (norms, biases, the routing bias) are read whole. Collective-free. device: a model built on
+    the meta device gets its local shards allocated there first (to_empty); None copies into the existing ones."""
+    from safetensors import SafetensorError, safe_open
+
+    config = model.config
+    where: dict[str, dict] = {}         # our name -> {expert index or None: (open file, disk name)}
+    for path in _shard_files(os.fspath(ckpt_dir)):
+        try:
+            f = safe_open(path, "pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is probably truncated or "
+                                  f"corrupt: download or copy it again.") from None
+        for disk in f.keys():
+            name, e = _our_name(disk)
+            if not (config.num_nextn_predict_layers == 0 and name.startswith("mtp.")):   # as load_pretrained
+                where.setdefault(name, {})[e] = (f, disk)
+    if config.tie_word_embeddings and "backbone.embeddings.weight" in where:
+        where["lm_head.weight"] = where["backbone.embeddings.weight"]
+    found = {}
+    for name, per in where.items():
+        if None in per:
+            found[name] = per[None][0].get_slice(per[None][1]).get_shape()
+        else:
+            _check_experts(name, per, config.n_routed_experts)
+            found[name] = [len(per), *per[0][0].get_slice(per[0][1]).get_shape()]
+    _check_names(os.fspath(ckpt_dir), {k: v.shape for k, v in model.state_dict().items()}, found)
+
+    if device is not None:
+        model.to_empty(device=device)             # allocates only the local shards
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            local, box = local_box(t)
+            if local.numel() == 0:                # an uneven split left this rank no rows
+                continue
+            per = where[name]
+            if None in per:
+                piece = read_box(*per[None], box)
+            else:                                  # fused experts: the rank's experts, each one's box
+                piece = torch.stack([read_box(*per[e], box[1:]) for e in range(box[0].start, box[0].stop)])
+            local.copy_(piece.view_as(local))
+    for module in model.modules():                # buffers that checkpoints never hold (MoE token counts)
+        for name, buf in module.named_buffers(recurse=False):
+            if name in module._non_persistent_buffers_set:
+                buf.zero_()

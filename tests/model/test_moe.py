@@ -5,7 +5,7 @@ import torch
 
 from nemotron3 import from_preset
 from nemotron3.model.latent_moe import LatentMoE, build_moe
-from nemotron3.model.moe import MoE, TopKRouter, routed_experts
+from nemotron3.model.moe import MoE, TopKRouter, decode_schedule, routed_experts
 from tests.reference.moe import experts_ref, route_ref
 
 
@@ -61,6 +61,36 @@ def test_routed_experts_match_per_token_reference(T, schedule):
     with torch.no_grad():
         y = fn(x, ids, w, up, down)
     torch.testing.assert_close(y.double(), experts_ref(x, routing, up, down), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,schedule", [(1, "one_token"), (1, "gathered"), (5, "gathered"), (1, "sorted"),
+                                         (5, "sorted")])
+def test_each_schedule_chosen_by_argument_matches_the_reference_with_and_without_gradients(T, schedule):
+    torch.manual_seed(T)
+    E, m, L, K = 8, 12, 10, 3
+    up, down = torch.randn(E, m, L, requires_grad=True), torch.randn(E, L, m)
+    x = torch.randn(T, L)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    w = torch.rand(T, K, requires_grad=True)          # a training call: grad mode on, yet the argument decides
+    routing = [{int(e): float(v) for e, v in zip(ids[t], w[t].detach())} for t in range(T)]
+    y = routed_experts(x, ids, w, up, down, schedule)
+    torch.testing.assert_close(y.double(), experts_ref(x, routing, up.detach(), down), rtol=1e-5, atol=1e-4)
+    y.sum().backward()
+    assert up.grad[ids.unique()].abs().sum() > 0
+
+
+def test_decode_schedule_picks_by_token_count_device_and_compilation_and_bad_schedules_are_rejected():
+    assert decode_schedule(1, 6, 128, "cpu", compiled=False) == "one_token"
+    assert decode_schedule(1, 6, 128, "cpu", compiled=True) == "gathered"
+    assert decode_schedule(4, 6, 128, "cuda", compiled=False) == "gathered"       # verification: T*K <= E
+    assert decode_schedule(4, 6, 128, "cpu", compiled=False) == "sorted"
+    assert decode_schedule(512, 6, 128, "cuda", compiled=False) == "sorted"        # prefill
+    x, ids, w, up, down = torch.randn(2, 4), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), \
+        torch.randn(2, 3, 4), torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="one_token is for a single token"):
+        routed_experts(x, ids, w, up, down, "one_token")
+    with pytest.raises(ValueError, match="'grouped' is not one of"):
+        routed_experts(x, ids, w, up, down, "grouped")
 
 
 @pytest.mark.parametrize("latent", [None, 24])

@@ -1,8 +1,11 @@
-"""Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), dp=2 x ep=2 on 4 processes,
-replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL mid-run resumed on another world size and (dp, ep) layout, and
-the export of a sharded checkpoint, and the memory planner on an expert-parallel run. Oracle: one process training the same global batch (4 sequences per step) with
-the tiny preset, which has MTP (2 depths), LatentMoE, the sequence aux loss and the expert-bias update all on;
-transformers' NemotronHForCausalLM for the exported checkpoint.
+"""Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), dp=2 x ep=2 and dp=2 x tp=2
+(tensor parallel) on 4 processes, replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL
+mid-run (asynchronous saves, --async-save) resumed on another world size and (dp, ep) layout, the export of a
+sharded checkpoint, the memory planner on an expert-parallel run, and a Hugging Face-layout model (--model DIR) and
+an unsharded run's checkpoint (--resume) read shard by shard into tp 2 and dp 2 x ep 2 models. Oracle: one process
+training the same global batch (4 sequences per step) with the tiny preset, which has MTP (2 depths), LatentMoE, the
+sequence aux loss and the expert-bias update all on; from_pretrained for the shard-by-shard loads; transformers'
+NemotronHForCausalLM for the exported checkpoint.
 
 Tolerances. SGD: loss curve and weights within 1e-5 (only float summation order differs: the ranks' gradient
 shards are summed by reduce-scatter instead of in one backward). AdamW divides each coordinate by its own running
@@ -15,6 +18,7 @@ coordinate by at most about lr_t: |m^| <= sqrt(v^) when beta1^2 <= beta2)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,12 +72,21 @@ def assert_same_run(run, oracle, atol=1e-5):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
+def assert_loaded_exactly(loaded, model_dir):
+    """The weights a sharded run read rank by rank (gathered to OUT/loaded.safetensors) equal from_pretrained's."""
+    got = load_file(os.path.join(loaded, "loaded.safetensors"))
+    want = NemotronForCausalLM.from_pretrained(model_dir).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tmp_path):
     sgd = one_process(tmp_path / "one")
     adam = one_process(tmp_path / "one_adam", optimizer="adamw", lr=3e-3)
-    dp2, ep2, dp2_adam, memory, ddp = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory", "ddp"))
+    dp2, ep2, dp2_adam, memory, ddp, loaded = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory", "ddp",
+                                                                           "loaded"))
     torchrun(2, [dict(MEMORY_RUN, out=memory, ep=2),              # first: its peak is the process's
                  dict(COMMON, out=dp2, batch_size=2),
+                 dict(COMMON, out=loaded, model=os.path.join(sgd, "final"), tp=2, load_only=True),
                  dict(COMMON, out=ep2, batch_size=2, ep=2, act_ckpt=True),
                  dict(COMMON, out=dp2_adam, batch_size=2, optimizer="adamw", lr=3e-3, cpu_offload=True),
                  dict(COMMON, out=ddp, batch_size=2, no_fsdp=True)])
@@ -84,6 +97,7 @@ def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tm
     assert_same_run(dp2, sgd)
     assert_same_run(ep2, sgd)
     assert_same_run(ddp, sgd)
+    assert_loaded_exactly(loaded, os.path.join(sgd, "final"))          # --model DIR read shard by shard under tp 2
     assert not torch.equal(weights(sgd)["lm_head.weight"], load_file(os.path.join(
         sgd, "checkpoints", "step_4", "model.safetensors"))["lm_head.weight"])             # it trained
     rows = json.load(open(os.path.join(ep2, "traffic_rank0.json")))
@@ -100,7 +114,7 @@ def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tm
 def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_exports(tmp_path):
     oracle = one_process(tmp_path / "one")
     killed = str(tmp_path / "killed")
-    proc = torchrun(2, [dict(COMMON, out=killed, batch_size=2)], wait=False)
+    proc = torchrun(2, [dict(COMMON, out=killed, batch_size=2, async_save=True)], wait=False)
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(killed, "checkpoints", "step_2", "trainer_state.json")):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -108,11 +122,22 @@ def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_ex
     os.killpg(proc.pid, signal.SIGKILL)                                            # torchrun and its 2 workers
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "final"))                        # really killed mid-run
-    fresh = str(tmp_path / "dp2ep2")
-    torchrun(4, [dict(COMMON, out=fresh, batch_size=1, ep=2),
-                 dict(COMMON, out=killed, batch_size=1, ep=2, resume=True)])
+    fresh, from_hf, loaded, tp2 = (str(tmp_path / n) for n in ("dp2ep2", "from_hf", "loaded", "dp2tp2"))
+    shutil.copytree(oracle, from_hf)                  # the one-process run's step_4 (Hugging Face layout) ...
+    for name in ("final", os.path.join("checkpoints", "step_6")):
+        shutil.rmtree(os.path.join(from_hf, name))
+    torchrun(4, [dict(COMMON, out=loaded, model=os.path.join(oracle, "final"), ep=2, load_only=True),
+                 dict(COMMON, out=fresh, batch_size=1, ep=2, async_save=True),
+                 dict(COMMON, out=killed, batch_size=1, ep=2, resume=True),
+                 dict(COMMON, out=from_hf, batch_size=1, ep=2, resume=True),     # ... resumed sharded, dp 2 x ep 2
+                 dict(COMMON, out=tp2, batch_size=2, tp=2)])     # dp 2 x tp 2: each tp pair reads the same 2 rows
     assert_same_run(fresh, oracle)
     assert_same_run(killed, oracle)
+    assert_same_run(from_hf, oracle)
+    assert_same_run(tp2, oracle)
+    for rank in range(4):                 # 64 query features: split by heads over tp 2, then by FSDP2 over dp 2
+        assert json.load(open(os.path.join(tp2, f"shapes_rank{rank}.json")))["q_proj_local"] == [16, 64]
+    assert_loaded_exactly(loaded, os.path.join(oracle, "final"))         # --model DIR read shard by shard
     assert [json.loads(line)["step"] for line in open(os.path.join(killed, "metrics.jsonl"))] == list(range(1, 7))
 
     hf_dir = export_checkpoint(os.path.join(fresh, "checkpoints", "step_6"), str(tmp_path / "hf"))

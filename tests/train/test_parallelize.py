@@ -53,5 +53,13 @@ def test_bad_layouts_are_rejected_with_the_fix(capsys):
         parallelize(model, world=1, ep=2)
     with pytest.raises(ValueError, match="drop --no-fsdp"):
         parallelize(model, world=2, ep=2, fsdp=False)
+    with pytest.raises(ValueError, match="--tp 2 does not divide the 3 ranks"):
+        parallelize(model, world=3, tp=2)
+    with pytest.raises(ValueError, match="--tp and --ep together are not supported"):
+        parallelize(model, world=4, ep=2, tp=2)
+    with pytest.raises(ValueError, match="--tp 2 needs torchrun"):
+        parallelize(model, world=2, tp=2, fsdp=False)
     assert main(["train", "--preset", "tiny", "--ep", "0", "--max-steps", "1"]) == 2
     assert "--ep 0 must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--tp", "0", "--max-steps", "1"]) == 2
+    assert "--tp 0 must be >= 1" in capsys.readouterr().err

@@ -94,30 +94,56 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=0.02)
         self.linear = F.linear     # per-expert GEMM; quantized training swaps it from outside (quant/recipe.py)
 
-    def forward(self, x_TL: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TL: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                schedule: str | None = None) -> torch.Tensor:
+        """schedule: one of SCHEDULES, chosen by the caller (see routed_experts); None: the caller does not say."""
         if self.linear is not F.linear:
             return _sorted_experts(x_TL, ids_TK, weights_TK, self.up_proj, self.down_proj, self.linear)
-        return routed_experts(x_TL, ids_TK, weights_TK, self.up_proj, self.down_proj)
+        return routed_experts(x_TL, ids_TK, weights_TK, self.up_proj, self.down_proj, schedule)
 
 
-def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM):
-    """sum_k w_k * down[id_k](relu(up[id_k] x)^2), computing each expert once on all of its tokens.
-    Three schedules of the same sum: sorted by expert (training, prefill, batched CPU decode); one token's K experts
-    in place (batch-1 eager CPU decode: no sort, no weight copy); the chosen experts' weights gathered into one
-    batched matmul (few tokens on GPUs and under torch.compile: no host sync)."""
+SCHEDULES = ("sorted", "one_token", "gathered")
+"""The schedules of routed_experts: sorted (training, prefill, expert parallelism: the dispatch / experts / combine
+steps), one_token (one token's K experts in place; inference only: its combine weights enter as plain numbers, so
+they get no gradient), gathered (the chosen experts' weights in one batched matmul)."""
+
+
+def decode_schedule(T: int, K: int, num_experts: int, device_type: str, compiled: bool) -> str:
+    """The fastest schedule for an inference (no-gradient) call on T tokens, from facts the caller knows: the token
+    count, the device and whether the call runs inside torch.compile. Batch-1 eager CPU decode: one_token (no sort,
+    no weight copy); few tokens on GPUs or compiled (decode, verification): gathered (no host sync, one graph);
+    otherwise (prefill) sorted."""
+    eager_cpu = device_type == "cpu" and not compiled
+    if eager_cpu and T == 1:
+        return "one_token"
+    if not eager_cpu and T * K <= max(num_experts, 64):
+        return "gathered"
+    return "sorted"
+
+
+def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM, schedule: str | None = None):
+    """sum_k w_k * down[id_k](relu(up[id_k] x)^2), computing each expert once on all of its tokens, by one of three
+    schedules of the same sum (SCHEDULES). The caller picks it: training and expert parallelism "sorted" (the only
+    one with cheap gradients), an inference path decode_schedule(...). None (a caller that does not say) infers it
+    from the call: decode_schedule when no gradient is needed, else sorted."""
     T, K = ids_TK.shape
-    inference = not (torch.is_grad_enabled() and weights_TK.requires_grad)
-    eager_cpu = x_TL.device.type == "cpu" and not torch.compiler.is_compiling()
-    if inference and eager_cpu and T == 1:
+    if schedule is None:
+        inference = not (torch.is_grad_enabled() and weights_TK.requires_grad)
+        schedule = decode_schedule(T, K, up_EML.shape[0], x_TL.device.type, torch.compiler.is_compiling()) \
+            if inference else "sorted"
+    if schedule == "one_token":
+        if T != 1:
+            raise ValueError(f"schedule one_token is for a single token; got {T} tokens (use sorted or gathered).")
         x = x_TL[0]
         return sum(w * F.linear(relu2(F.linear(x, up_EML[e])), down_ELM[e])
                    for e, w in zip(ids_TK[0].tolist(), weights_TK[0].tolist()))[None]
-    # few tokens (decode, verification): gather the chosen experts' weights, no host sync (compile stays one graph)
-    if inference and not eager_cpu and T * K <= max(up_EML.shape[0], 64):
+    if schedule == "gathered":    # gather the chosen experts' weights, no host sync (compile stays one graph)
         flat_ids = ids_TK.reshape(-1)                                          # (T*K,)
         h = torch.bmm(up_EML[flat_ids], x_TL.repeat_interleave(K, dim=0)[:, :, None])      # (TK, m, 1)
         y = torch.bmm(down_ELM[flat_ids], relu2(h)).squeeze(-1)                             # (TK, L)
         return (y * weights_TK.reshape(-1, 1).to(y.dtype)).view(T, K, -1).sum(1)
+    if schedule != "sorted":
+        raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}.")
     return _sorted_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM)
 
 
@@ -177,13 +203,14 @@ class MoE(nn.Module):
                 self.tokens_per_expert += torch.bincount(r.ids_TK.reshape(-1), minlength=self.gate.num_experts)
         return r
 
-    def route_and_run(self, x_TD: torch.Tensor, routing: dict | None = None) -> torch.Tensor:
+    def route_and_run(self, x_TD: torch.Tensor, routing: dict | None = None, schedule: str | None = None):
         """Routed part only: (T, d) -> (T, d)."""
         r = self.route(x_TD, routing)
-        return self.experts(x_TD, r.ids_TK, r.weights_TK)
+        return self.experts(x_TD, r.ids_TK, r.weights_TK, schedule)
 
-    def forward(self, x: torch.Tensor, routing: dict | None = None) -> torch.Tensor:
-        """x (..., d). routing: a dict that receives {layer_idx: RouterOutput} of this call, or None."""
+    def forward(self, x: torch.Tensor, routing: dict | None = None, schedule: str | None = None) -> torch.Tensor:
+        """x (..., d). routing: a dict that receives {layer_idx: RouterOutput} of this call, or None. schedule: the
+        routed experts' schedule (routed_experts), or None to let the call decide."""
         x_TD = x.reshape(-1, x.shape[-1])
-        out = self.route_and_run(x_TD, routing) + self.shared_experts(x_TD)
+        out = self.route_and_run(x_TD, routing, schedule) + self.shared_experts(x_TD)
         return out.view_as(x)

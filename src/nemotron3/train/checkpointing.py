@@ -12,7 +12,9 @@ every rank its own pieces, into the same kind of temporary directory that rank 0
     RUN_DIR/checkpoints/step_N/   .metadata + __R_0.distcp   {"model": ..., "optimizer": ...} by parameter name
                                   config.json, trainer_state.json (step, sampler position, RNG states, config)
 DCP stores global tensors by name and offset, so a run resumes on any number of ranks and any (dp, ep) layout,
-or in one process (resharding); `nemotron3 export step_N OUT` turns one into the Hugging Face layout.
+or in one process (resharding); `nemotron3 export step_N OUT` turns one into the Hugging Face layout. With
+--async-save the shards are written in the background (dcp.async_save) and the rename to step_N happens once every
+rank has finished, at the next save or the end of the run: a run killed before then resumes from the step before.
 """
 
 from __future__ import annotations
@@ -74,35 +76,72 @@ def is_sharded(path: str) -> bool:
 
 
 def save_sharded_checkpoint(run_dir: str, step: int, model, optimizer, extra: dict, keep_last: int,
-                            extra_files=()) -> str:
+                            extra_files=(), async_save: bool = False):
     """DCP checkpoint of a sharded model + optimizer; a collective (every rank calls it). Atomic: the shards go to
-    a temporary directory that rank 0 renames to step_N after every rank has written (and then prunes)."""
+    a temporary directory that rank 0 renames to step_N after every rank has written (and then prunes).
+    async_save: dcp.async_save copies the state into host memory and writes it in a background thread on its own
+    gloo process group while training goes on; returns a PendingSave whose finish() (called before the next save
+    and at the end of the run) waits for the writes and then does the rename. Otherwise returns step_N."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = os.path.join(run_dir, "checkpoints")
-    tmp, final = os.path.join(root, f".step_{step}.tmp"), os.path.join(root, f"step_{step}")
-    rank = dist.get_rank()
-    if rank == 0:
+    tmp = os.path.join(root, f".step_{step}.tmp")
+    if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)           # left by a run killed while saving
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
-    if rank == 0:
-        model.config.save_json(os.path.join(tmp, "config.json"))
-        for p in extra_files:
-            shutil.copy(p, os.path.join(tmp, os.path.basename(p)))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(dict(extra, step=step, **_rng_states()), f)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    pending = PendingSave(run_dir, step, keep_last, tmp, model.config, list(extra_files),
+                          dict(extra, step=step, **_rng_states()))           # this step's RNG and data position
+    if not async_save:
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+        return pending.finish()
+    pending.future = dcp.async_save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp,
+                                    process_group=_async_group())
+    return pending
+
+
+class PendingSave:
+    """A sharded checkpoint whose shards may still be being written; finish() completes it (a collective)."""
+
+    def __init__(self, run_dir, step, keep_last, tmp, config, extra_files, trainer_state):
+        self.run_dir, self.step, self.keep_last, self.tmp = run_dir, step, keep_last, tmp
+        self.config, self.extra_files, self.trainer_state = config, extra_files, trainer_state
+        self.future = None
+
+    def finish(self) -> str:
+        import torch.distributed as dist
+        if self.future is not None:
+            self.future.result()                         # this rank's shards are on disk
+        dist.barrier()                                   # ... and every other rank's
+        final = os.path.join(self.run_dir, "checkpoints", f"step_{self.step}")
+        if dist.get_rank() == 0:
+            self.config.save_json(os.path.join(self.tmp, "config.json"))
+            for p in self.extra_files:
+                shutil.copy(p, os.path.join(self.tmp, os.path.basename(p)))
+            with open(os.path.join(self.tmp, "trainer_state.json"), "w") as f:
+                json.dump(self.trainer_state, f)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(self.tmp, final)
+            for _, old in list_checkpoints(self.run_dir)[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+
+_ASYNC_GROUP = []
+
+
+def _async_group():
+    """A gloo process group of all ranks for the background writer, so that its collectives never interleave with
+    the training's on the default group (created once, by every rank)."""
+    import torch.distributed as dist
+    if not _ASYNC_GROUP:
+        _ASYNC_GROUP.append(dist.new_group(backend="gloo"))
+    return _ASYNC_GROUP[0]
 
 
 def _rng_states() -> dict:
@@ -151,21 +190,25 @@ def export_checkpoint(path: str, out_dir: str) -> str:
 
 def load_checkpoint(path: str, model, optimizer) -> dict:
     """Restore model weights, optimizer state and RNG states in place; returns trainer_state.json. A sharded (DCP)
-    checkpoint loads into any layout (resharding); a Hugging Face-layout one into an unsharded model."""
+    checkpoint loads into any layout (resharding); a Hugging Face-layout one (an unsharded run's) too, each rank of a
+    sharded model reading only its shards of the weights and optimizer moments."""
     from safetensors.torch import load_file
 
+    from ..checkpoint import load_into_shards
     from ..model import NemotronForCausalLM
     from .parallelize import is_sharded_model
     if is_sharded(path):
         return _load_sharded_checkpoint(path, model, optimizer)
-    if is_sharded_model(model):
-        raise ValueError(f"{path} was written by an unsharded run; resume it with one process (or --no-fsdp), or "
-                         f"start the sharded run with --model on its weights.")
-    model.load_state_dict(NemotronForCausalLM.from_pretrained(path).state_dict())   # copies into existing tensors
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
-    tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
-    _optimizer_from_flat(model, optimizer, tensors, state["optimizer"])
+    if is_sharded_model(model):          # an unsharded run's checkpoint: each rank reads its shards of it
+        load_into_shards(model, path)
+        tensors = _sharded_optimizer_from_file(model, optimizer, os.path.join(path, "trainer_state.safetensors"),
+                                               state["optimizer"])
+    else:
+        model.load_state_dict(NemotronForCausalLM.from_pretrained(path).state_dict())   # copies into the tensors
+        tensors = load_file(os.path.join(path, "trainer_state.safetensors"))
+        _optimizer_from_flat(model, optimizer, tensors, state["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
     random.setstate(_tuples(state["python_random"]))
     np.random.set_state(tuple(_tuples(state["numpy_random"])))
@@ -187,15 +230,45 @@ def _optimizer_to_flat(model, optimizer):
 
 def _optimizer_from_flat(model, optimizer, tensors, scalars):
     params = dict(model.named_parameters())
-    for g, saved in zip(optimizer.param_groups, scalars["param_groups"]):
-        g.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-    optimizer.state.clear()
+    _restore_groups(optimizer, scalars)
     for key, v in tensors.items():
         if key.startswith("opt."):
             pname, k = key[4:].rsplit(".", 1)
             optimizer.state[params[pname]][k] = v.to(params[pname].device, copy=True)
     for pname, st in scalars["state"].items():
         optimizer.state[params[pname]].update(st)
+
+
+def _sharded_optimizer_from_file(model, optimizer, file: str, scalars) -> dict:
+    """_optimizer_from_flat for a sharded model reading an unsharded run's trainer_state.safetensors: a moment
+    tensor of a sharded parameter is read as the rank's box of it only. Returns {"rng.torch": ...}."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    from ..checkpoint import local_box, read_box
+    params = dict(model.named_parameters())
+    _restore_groups(optimizer, scalars)
+    f = safe_open(file, "pt")
+    for key in f.keys():
+        if key.startswith("opt."):
+            pname, k = key[4:].rsplit(".", 1)
+            p = params[pname]
+            if isinstance(p, DTensor) and tuple(f.get_slice(key).get_shape()) == tuple(p.shape):
+                local, box = local_box(p)
+                v = DTensor.from_local(read_box(f, key, box).to(local.device), p.device_mesh, p.placements,
+                                       run_check=False, shape=p.shape, stride=p.stride())
+            else:                                           # Adam's step count, a replicated parameter's moments
+                v = f.get_tensor(key).to(p.device)
+            optimizer.state[p][k] = v
+    for pname, st in scalars["state"].items():
+        optimizer.state[params[pname]].update(st)
+    return {"rng.torch": f.get_tensor("rng.torch")}
+
+
+def _restore_groups(optimizer, scalars) -> None:
+    for g, saved in zip(optimizer.param_groups, scalars["param_groups"]):
+        g.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    optimizer.state.clear()
 
 
 def _jsonable(x):

@@ -36,7 +36,11 @@ class ExpertParallelExperts(Experts):
     ep_group: dist.ProcessGroup
     rows_sent: int
 
-    def forward(self, x_TL: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TL: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                schedule: str | None = None) -> torch.Tensor:
+        """Always the sorted schedule, split across ranks (any other schedule is rejected)."""
+        if schedule not in (None, "sorted"):
+            raise ValueError(f"expert parallelism runs the sorted schedule only; got schedule {schedule!r}.")
         P = dist.get_world_size(self.ep_group)
         E_local = self.num_experts // P
         order, counts_E = dispatch_order(ids_TK, self.num_experts)

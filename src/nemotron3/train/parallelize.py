@@ -1,21 +1,36 @@
 """Scale-out applied from outside the model (torchtitan's parallelize): FSDP2 sharding per block, expert
-parallelism, activation checkpointing, mixed precision and CPU offload, on torch's own DeviceMesh / DTensor.
+parallelism, tensor parallelism, activation checkpointing, mixed precision and CPU offload, on torch's own
+DeviceMesh / DTensor.
 
     torchrun --nproc_per_node 4 -m nemotron3 train --preset tiny --ep 2     # dp 2 x ep 2, FSDP2 on
+    torchrun --nproc_per_node 4 -m nemotron3 train --preset tiny --tp 2     # dp 2 x tp 2 (meant for GPUs)
     torchrun --nproc_per_node 2 -m nemotron3 train --preset tiny --no-fsdp  # replicated weights, summed grads
 
-Meshes (world = dp * ep; expert parallelism borrows its ranks from data parallelism, as in torchtitan: every rank
-reads its own batch, and a group of ep ranks shares one copy of the experts):
+Meshes (world = dp * ep, or dp * tp; expert parallelism borrows its ranks from data parallelism, as in torchtitan:
+every rank reads its own batch, and a group of ep ranks shares one copy of the experts):
     mesh ("dp", "ep")    experts: Shard(0) over ep (parallel experts), then FSDP2 over dp
     flattened "dp_ep"    everything else: FSDP2 over all ranks (embeddings + head + norm_f in the root unit)
+    mesh ("dp", "tp")    --tp: the tp ranks of a group read the same batch; Megatron's column / row split inside
+                         each block (below), then FSDP2 over dp
+Tensor parallel (Megatron-LM §3): attention q/k/v column-wise (each tp rank computes H/tp query heads and
+n_kv/tp key/value heads), o_proj row-wise (partial sums all-reduced); dense MLPs and the shared expert up_proj
+column-wise, down_proj row-wise. So one all-reduce per mixer in forward and one in backward. Mamba-2 stays
+replicated: its in_proj output packs [z | x | B | C | dt] (widths H*P, H*P, G*N, G*N, H), so a contiguous row split
+of in_proj would hand a rank pieces of several parts; a correct split (z, x, dt and conv1d / A / D / dt_bias by
+head, B and C by group, the gated norm per group, out_proj row-wise) needs the mixer to know its local widths. The
+routed experts, router and LatentMoE projections stay replicated too (expert parallelism is their split).
+Tensor parallelism is for GPUs (NVLink); it runs on gloo (tested) but buys nothing on CPU. --tp and --ep together
+are not supported yet.
 Gradients are summed over ranks, never averaged (divide factor 1, SUM collectives), because the trainer divides
 each rank's loss by the global totals already; so any (dp, ep) gives the one-process gradient of the global batch.
-The bias update reads expert loads summed over every rank (trainer.py), the whole dp x ep group.
-Left out: tensor / sequence / context parallelism (context parallel for causal attention is CUDA-only in torch),
-pipeline parallelism, torch.compile per block, loading a Hugging Face checkpoint without materialising it.
+The bias update reads expert loads summed over every data-parallel rank (trainer.py), the whole dp x ep group.
+Left out: sequence / context parallelism (context parallel for causal attention is CUDA-only in torch), pipeline
+parallelism, torch.compile per block, tensor parallel Mamba-2 (above).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -33,12 +48,20 @@ def blocks(model) -> list:
 
 
 def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: bool = False,
-                cpu_offload: bool = False, bf16: bool = False):
-    """Apply activation checkpointing, expert parallelism and FSDP2 to `model` in place (every rank must hold the
-    same weights). Returns the ("dp", "ep") DeviceMesh, or None when nothing is sharded (one rank, or --no-fsdp).
-    bf16: FSDP2 mixed precision (bf16 compute copies of the weights, fp32 gradient reduction), for GPUs."""
+                cpu_offload: bool = False, bf16: bool = False, device: torch.device | None = None, tp: int = 1):
+    """Apply tensor parallelism, activation checkpointing, expert parallelism and FSDP2 to `model` in place (every
+    rank must hold the same weights, or all be on the meta device). Returns the ("dp", "ep") or ("dp", "tp")
+    DeviceMesh, or None when nothing is sharded (one rank, or --no-fsdp).
+    bf16: FSDP2 mixed precision (bf16 compute copies of the weights, fp32 gradient reduction), for GPUs.
+    device: where the weights will live, for a model still on the meta device (filled after sharding)."""
     if world % ep:
         raise ValueError(f"--ep {ep} does not divide the {world} ranks; use an ep that divides --nproc_per_node.")
+    if world % tp:
+        raise ValueError(f"--tp {tp} does not divide the {world} ranks; use a tp that divides --nproc_per_node.")
+    if tp > 1 and ep > 1:
+        raise ValueError("--tp and --ep together are not supported yet; use one of them.")
+    if tp > 1 and (world == 1 or not fsdp):
+        raise ValueError(f"--tp {tp} needs torchrun with at least {tp} processes and FSDP2 (drop --no-fsdp).")
     if act_ckpt:
         from torch.distributed._composable import checkpoint
         for block in blocks(model):
@@ -50,9 +73,14 @@ def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: boo
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
-    every_rank = mesh["dp", "ep"]._flatten("dp_ep")
+    device = device or next(model.parameters()).device
+    if tp > 1:
+        mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        tensor_parallel(model, mesh["tp"])
+        every_rank = mesh["dp"]                  # FSDP2 over the data-parallel ranks; tp ranks hold other columns
+    else:
+        mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+        every_rank = mesh["dp", "ep"]._flatten("dp_ep")
     policy = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if bf16 else MixedPrecisionPolicy(),
                   offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload
@@ -70,21 +98,57 @@ def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: boo
     return mesh
 
 
+def tensor_parallel(model, tp_mesh) -> None:
+    """Megatron's column / row split of attention and the dense MLPs over the 1-D `tp_mesh` (see the module
+    docstring): the block input stays replicated, each rank computes its heads / hidden columns, and the row-wise
+    output projection all-reduces the partial sums back to a replicated output."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from ..model.attention import Attention
+    from ..model.mlp import MLP
+    tp = tp_mesh.size()
+    for module in model.modules():
+        if isinstance(module, Attention):
+            if module.num_kv_heads % tp:
+                raise ValueError(f"--tp {tp} does not divide num_key_value_heads={module.num_kv_heads}; use a tp "
+                                 f"that divides it.")
+            parallelize_module(module, tp_mesh, {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(),
+                                                 "v_proj": ColwiseParallel(), "o_proj": RowwiseParallel()})
+            module.num_heads //= tp              # the local heads the rank's q / k / v columns hold
+            module.num_kv_heads //= tp
+        elif isinstance(module, MLP):
+            parallelize_module(module, tp_mesh, {"up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()})
+
+
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_ for gradients that may be sharded DTensors on different meshes (FSDP2 over all
     ranks, experts over dp x ep): every shard covers its parameter once across the world, so the squared norms of
-    the local shards, summed over ranks, are the global squared norm. Returns the norm before clipping."""
+    the local shards, summed over ranks, are the global squared norm; a shard that several ranks hold alike (a
+    weight that tensor parallelism leaves whole, held by every tp rank) counts once. Returns the norm before
+    clipping."""
     grads = [p.grad for p in params if p.grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    sq = torch.stack([g.float().pow(2).sum() for g in local]).sum() if local else torch.zeros(())
-    if any(isinstance(g, DTensor) for g in grads):
+    sharded = any(isinstance(g, DTensor) for g in grads)
+    copies = [_copies(g) if sharded else 1 for g in grads]
+    sq = torch.stack([g.float().pow(2).sum() / c for g, c in zip(local, copies)]).sum() if local else torch.zeros(())
+    if sharded:
         dist.all_reduce(sq)
     norm = sq.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)      # torch's rule: scale only when the norm exceeds max_norm
     for g in local:
         g.mul_(coef.to(g.dtype))
     return float(norm)
+
+
+def _copies(t) -> int:
+    """How many ranks hold the same local tensor as this one: the ranks outside the DTensor's mesh, times its mesh
+    dimensions it is replicated over (a plain tensor: every rank)."""
+    world = dist.get_world_size()
+    if not isinstance(t, DTensor):
+        return world
+    mesh = t.device_mesh
+    return world // mesh.size() * math.prod(mesh.size(i) for i, p in enumerate(t.placements) if p.is_replicate())
 
 
 def full_state_dict(model) -> dict:

@@ -32,8 +32,8 @@ from ..quant import apply_recipe, explain
 from .data import PackedWindows, ResumableSampler, builtin_tokens, document_position_ids, load_token_file, \
     tokenize_to_file
 from .lm_loss import LMLoss
-from .trainer import Trainer, TrainerConfig, build_model, config_flags, distributed, nvfp4_recipe, \
-    read_last_metrics, resolve_device  # noqa: F401  read_last_metrics: re-exported for the demo
+from .trainer import Trainer, TrainerConfig, build_model, config_flags, data_parallel_rank, distributed, \
+    nvfp4_recipe, read_last_metrics, resolve_device  # noqa: F401  read_last_metrics: re-exported for the demo
 
 
 @dataclass
@@ -123,15 +123,16 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
         raise ValueError(f"--seq-len {cfg.seq_len} must be >= 1.")
     if not 0.0 <= cfg.chat_share <= 1.0:
         raise ValueError(f"--chat-share {cfg.chat_share} must lie in [0, 1] (a share of the documents).")
-    rank, world = distributed()
+    rank, _ = distributed()
     model, tokenizer = build_model(cfg, model_config, resolve_device(cfg))
     if not cfg.model and model.config.vocab_size > tokenizer.vocab_size and rank == 0:
         (log or print)(f"note: {cfg.preset} has vocab_size {model.config.vocab_size} but trains on the byte "
                        f"tokenizer's 256 ids; start from --model DIR to use a checkpoint's tokenizer.")
+    dp_rank, dp_size = data_parallel_rank(cfg)              # tp ranks of one group read the same rows
     if cfg.mix:
-        return _train_mix(cfg, model, tokenizer, rank, world, log)
+        return _train_mix(cfg, model, tokenizer, dp_rank, dp_size, log)
     train_w, eval_w = build_data(cfg, tokenizer)
-    sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed, rank=dp_rank, world_size=dp_size)
     eos = tokenizer.eos_token_id if cfg.no_cross_document else None
     trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log)
     evaluation = None

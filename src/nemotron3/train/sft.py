@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from .chat import PackedConversations, PackingConfig, load_conversations
 from .lm_loss import LMLoss
-from .trainer import Trainer, TrainerConfig, build_model, config_flags, distributed, resolve_device
+from .trainer import Trainer, TrainerConfig, build_model, config_flags, data_parallel_rank, distributed, \
+    resolve_device
 
 
 @dataclass
@@ -107,11 +108,11 @@ def train_sft(cfg: SFTConfig, log=None) -> str:
     """Run (or resume) fine-tuning; returns the final model directory. log: one line per step, or None for a
     progress bar."""
     cfg.validate()
-    rank, world = distributed()
+    rank, _ = distributed()
     model, tok = build_model(cfg, device=resolve_device(cfg))
     quiet = lambda *_: None                                                          # noqa: E731
     train_convs, heldout_convs = load_data(cfg)
-    data = PackedConversations(train_convs, tok, cfg.packing(), rank=rank, world_size=world,
+    data = PackedConversations(train_convs, tok, cfg.packing(), *data_parallel_rank(cfg),
                                log=(log or print) if rank == 0 else quiet)
     evaluation = None
     if heldout_convs:

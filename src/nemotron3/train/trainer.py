@@ -16,8 +16,10 @@ loss by those totals; so accumulation and data parallelism give the gradient of 
 number of valid targets in each micro-batch. Gradients are then summed over ranks (not averaged).
 The data iterator may offer state_dict() / load_state_dict() (as ResumableSampler does): checkpoints keep it.
 Under torchrun, parallelize.py shards the model from outside (FSDP2 per block, expert parallelism with --ep,
-activation checkpointing with --act-ckpt) and checkpoints become DCP shards (checkpointing.py); --no-fsdp keeps
-whole weights on every rank and sums their gradients with one flattened all-reduce.
+activation checkpointing with --act-ckpt, tensor parallelism with --tp) and checkpoints become DCP shards
+(checkpointing.py, --async-save to write them in the background); --model DIR then builds the model on the meta
+device and each rank reads only its shards of the weights (checkpoint.load_into_shards); --no-fsdp keeps whole
+weights on every rank and sums their gradients with one flattened all-reduce.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from ..checkpoint import save_pretrained
+from ..checkpoint import load_into_shards, save_pretrained
 from ..config import from_preset
 from ..model import NemotronForCausalLM
 from ..model.moe import MoE
@@ -109,11 +111,17 @@ class TrainerConfig:
     ep: int = 1
     """Expert parallelism under torchrun: each group of ep ranks shares one copy of the experts (E/ep per rank);
     the data-parallel degree is nproc / ep and --batch-size stays per rank."""
+    tp: int = 1
+    """Tensor parallelism under torchrun (meant for GPUs): attention and dense MLPs split column / row-wise over tp
+    ranks, which read the same batch; the data-parallel degree is nproc / tp. Not with --ep (yet)."""
     no_fsdp: bool = False
     """Under torchrun, keep every weight on every rank and all-reduce the gradients (no FSDP2 sharding)."""
     act_ckpt: bool = False
     """Activation checkpointing per block: keep only block inputs, recompute the rest in backward."""
     cpu_offload: bool = False
+    async_save: bool = False
+    """Sharded runs: write checkpoints in the background (dcp.async_save) while training continues; step_N appears
+    (atomically) once every rank has finished writing it, at the next save or the end of the run."""
     """FSDP2: keep the sharded parameters, gradients and optimizer state in CPU memory."""
     constant_lr: bool = False
     """Constant learning rate --lr from the first step (no warmup, no decay): the long-context stage's schedule."""
@@ -125,7 +133,7 @@ class TrainerConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: use {', '.join(allowed[:-1])} or "
                                  f"{allowed[-1]}.")
-        for name in ("max_steps", "save_every", "keep_last", "batch_size", "grad_accum", "eval_every", "ep"):
+        for name in ("max_steps", "save_every", "keep_last", "batch_size", "grad_accum", "eval_every", "ep", "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1.")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -139,7 +147,12 @@ def build_model(cfg: TrainerConfig, model_config=None, device="cpu"):
     """(model, tokenizer): from --model DIR with its tokenizer (bytes if it has no tokenizer.json), else the preset
     (or model_config) with fresh weights and the byte tokenizer."""
     from ..tokenizer import ByteTokenizer, load_tokenizer
-    if cfg.model:
+    if cfg.model and shards_weights(cfg):       # built empty; each rank reads its shards after parallelize
+        from ..config import NemotronConfig
+        with torch.device("meta"):
+            model = NemotronForCausalLM(NemotronConfig.from_json_file(cfg.model))
+        tokenizer = load_tokenizer(cfg.model, model.config.vocab_size)
+    elif cfg.model:
         model = NemotronForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
         tokenizer = load_tokenizer(cfg.model, model.config.vocab_size)
     else:
@@ -149,7 +162,12 @@ def build_model(cfg: TrainerConfig, model_config=None, device="cpu"):
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the model has vocab_size {model.config.vocab_size} < the tokenizer's "
                          f"{tokenizer.vocab_size}; use a model whose embedding covers its tokenizer.")
-    return model.to(device).train(), tokenizer
+    return (model if model.lm_head.weight.is_meta else model.to(device)).train(), tokenizer
+
+
+def shards_weights(cfg: TrainerConfig) -> bool:
+    """Whether this run shards the weights across ranks (torchrun with more than one process, FSDP2 on)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.no_fsdp
 
 
 def resolve_device(cfg: TrainerConfig) -> torch.device:
@@ -182,14 +200,19 @@ class Trainer:
         cfg.validate()
         self.cfg, self.model, self.loss = cfg, model, loss
         self.rank, self.world = distributed()
-        self.device = next(model.parameters()).device
+        meta = next(model.parameters()).is_meta       # built by build_model to be filled shard by shard
+        self.device = resolve_device(cfg) if meta else next(model.parameters()).device
         self.quant = apply_recipe(model, nvfp4_recipe(cfg)) if cfg.precision == "nvfp4" else None
         bf16 = cfg.precision == "bf16" or (cfg.precision == "nvfp4" and self.device.type == "cuda")
         self.mesh = None
         if not isinstance(model, FSDPModule):          # a model sharded by an earlier Trainer stays as it is
             self.mesh = parallelize(model, self.world, cfg.ep, not cfg.no_fsdp, cfg.act_ckpt, cfg.cpu_offload,
-                                    bf16 and self.device.type == "cuda")
+                                    bf16 and self.device.type == "cuda", self.device, cfg.tp)
+        # totals, statistics and expert loads are summed over the data-parallel ranks (tp ranks see the same batch)
+        self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None and cfg.tp > 1 else None
         self.sharded = isinstance(model, FSDPModule)
+        if meta:
+            load_into_shards(model, cfg.model, self.device)
         self.optimizer = make_optimizer(model, cfg)
         decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
         self.schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start),   # short runs
@@ -202,6 +225,7 @@ class Trainer:
         self.config_record = config_record if config_record is not None else asdict(cfg)
         self.step = 0
         self.expert_counts: dict[int, torch.Tensor] = {}
+        self.pending_save = None          # an --async-save checkpoint not yet complete
         self.end_process_group = True     # train() leaves the process group at the end (False: run another)
 
     # ---- one micro-batch, one optimizer step ----
@@ -217,7 +241,7 @@ class Trainer:
         if self.world > 1 and across_ranks:
             import torch.distributed as dist
             for v in totals.values():
-                dist.all_reduce(v)
+                dist.all_reduce(v, group=self.dp_group)
         return totals
 
     def forward_backward_step(self, batch: dict, totals: dict) -> dict[str, torch.Tensor]:
@@ -243,7 +267,8 @@ class Trainer:
                             [sum(b["input_ids"].numel() for b in batches) * torch.ones((), dtype=torch.float64,
                                                                                         device=self.device)])
         if self.world > 1:              # FSDP2 has summed the gradients already; replicated weights sum them here
-            _all_reduce_sum([] if self.sharded else list(self.model.parameters()), self.expert_counts, stats)
+            _all_reduce_sum([] if self.sharded else list(self.model.parameters()), self.expert_counts, stats,
+                            self.dp_group)
         values = stats.tolist()
         return dict(zip(names, values[:-1]), tokens=values[-1])
 
@@ -349,8 +374,10 @@ class Trainer:
                     extra = {"data": data.state_dict() if hasattr(data, "state_dict") else None,
                              "config": self.config_record}
                     if self.sharded:        # every rank writes its shards (DCP)
+                        self._finish_save()
                         saved = save_sharded_checkpoint(cfg.out, step, self.model, self.optimizer, extra,
-                                                        cfg.keep_last, save_extra)
+                                                        cfg.keep_last, save_extra, cfg.async_save)
+                        self.pending_save = saved if cfg.async_save else None
                     elif rank == 0:
                         saved = save_checkpoint(cfg.out, step, self.model, self.optimizer, extra, cfg.keep_last)
                         _copy_into(save_extra, saved)
@@ -358,6 +385,7 @@ class Trainer:
             metrics.close()
             if bar is not None:
                 bar.close()
+        self._finish_save()
         final = os.path.join(cfg.out, "final")
         state = full_state_dict(self.model)          # gathered onto rank 0 when sharded
         if rank == 0:
@@ -371,6 +399,12 @@ class Trainer:
             if self.end_process_group:
                 dist.destroy_process_group()
         return final
+
+    def _finish_save(self) -> None:
+        """Complete a checkpoint still being written in the background (--async-save)."""
+        if self.pending_save is not None:
+            self.pending_save.finish()
+            self.pending_save = None
 
     def _report(self, record: dict, bar, t_start: float, start_step: int) -> None:
         loss, step, cfg = record["loss"], record["step"], self.cfg
@@ -421,7 +455,14 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _all_reduce_sum(params: list, counts: dict, stats: torch.Tensor) -> None:
+def data_parallel_rank(cfg: TrainerConfig) -> tuple[int, int]:
+    """(this rank's data shard, number of data shards): every rank its own batch, except that the tp ranks of a
+    tensor-parallel group (consecutive ranks) read the same one."""
+    rank, world = distributed()
+    return rank // cfg.tp, world // cfg.tp
+
+
+def _all_reduce_sum(params: list, counts: dict, stats: torch.Tensor, group=None) -> None:
     """DDP by hand (--no-fsdp): one all-reduce of all gradients of `params` (flattened), summed over ranks (each
     rank's loss is already divided by the global totals). A rank whose tokens never reached some expert contributes
     zeros for it, so MoE needs no find_unused_parameters. Expert loads and the logged statistics are summed too."""
@@ -437,8 +478,8 @@ def _all_reduce_sum(params: list, counts: dict, stats: torch.Tensor) -> None:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
     for c in counts.values():
-        dist.all_reduce(c)
-    dist.all_reduce(stats)
+        dist.all_reduce(c, group=group)
+    dist.all_reduce(stats, group=group)
 
 
 def read_last_metrics(run_dir: str) -> dict:
