@@ -14,8 +14,8 @@ reward is 0 before and after and they are left out. Held-out reward = mean over 
 at temperature 1, seeded by the run seed, so before / after of one seed score the same draws. Every run: G = 8
 samples x 4 prompts per step, reasoning on, 48 tokens, lr 1e-4 (the demo's settings, rl/demo.py; tools_short: 128
 tokens per turn, lr 5e-4). Gains are compared with the spread over seeds of the same configuration (all numbers
-from this one run of the script); rl_seconds = wall-clock of the RL loop (rollouts + updates, without the held-out evaluations),
-mean over seeds. Writes bench/results/<--name>.json and .png (default rl_curve).
+from this one run of the script); rl_seconds = wall-clock of the RL loop (rollouts + updates, without the held-out
+evaluations), mean over seeds. Writes bench/results/<--name>.json and .png (default rl_curve).
 Also measured here: router replay's effect on the train/inference mismatch |logp_train - logp_gen| (a bfloat16
 engine generating, the float32 trainer recomputing, with and without the engine's routing), and MTP healing after
 the first RL run (draft acceptance of the SFT model, of the RL'd model, and after healing its MTP heads).
