@@ -322,6 +322,8 @@ def test_tools_short_bad_calls_get_errors_and_no_credit():
     assert all("calc takes integers" in t for t in texts[2:4]) and "takes one argument" in texts[4]
     assert env.score(calc, "408") == {"reward": 0.5, "call": 0.0, "answer": 1.0}
     assert env.respond(calc, [{"name": "calc", "arguments": {"expr": "12 * 34"}}])[0]["content"] == "408"
+    for expr, value in (("05*77", "385"), ("3+4*2-1", "10"), ("2*3*4-30", "-6")):            # by hand
+        assert env.respond(calc, [{"name": "calc", "arguments": {"expr": expr}}])[0]["content"] == value
     lookup = Task([], {"tools": [LOOKUP], "answer": "v5", "table": {"k3": "v5"}})
     assert "no key 'k4'" in env.respond(lookup, [{"name": "lookup", "arguments": {"key": "k4"}}])[0]["content"]
     call = {"role": "assistant", "content": "", "tool_calls": [{"name": "calc", "arguments": {}}]}
