@@ -120,7 +120,7 @@ def resummarize(path: str) -> None:
     print(plot(payload["runs"], os.path.splitext(os.path.basename(path))[0]))
 
 
-def plot(results: dict, name: str = "rl_curve") -> str:
+def plot(results: dict, out_name: str = "rl_curve") -> str:
     fig, ax = new_figure(3, size=(15, 4.2))
     for name, runs in results.items():
         n = min(len(r["train_reward"]) for r in runs)
@@ -137,7 +137,7 @@ def plot(results: dict, name: str = "rl_curve") -> str:
     ax[2].set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=7)
     ax[2].set(ylabel="held-out reward", title="before -> after, each seed")
     ax[0].legend(fontsize=7)
-    return save_figure(fig, name)
+    return save_figure(fig, out_name)
 
 
 def main(argv=None):
