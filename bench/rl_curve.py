@@ -152,6 +152,8 @@ def main(argv=None):
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                    help="router replay, MTP acceptance and healing (on the first environment)")
     p.add_argument("--name", default="rl_curve", help="results file bench/results/<name>.json / .png")
+    p.add_argument("--override", default="{}", help='JSON of GRPOConfig fields over the settings, e.g. '
+                                                    '\'{"prompts_per_step": 8}\'')
     p.add_argument("--resummarize", default="", help="only redo the table and figure of this results file")
     args = p.parse_args(argv)
     if args.resummarize:
@@ -165,6 +167,11 @@ def main(argv=None):
             p.error(f"{what} {given}: choose from {list(known)}")
     if args.extras and "sync, IS mask" not in configs:
         p.error("--extras heals MTP after the first 'sync, IS mask' run; add that config or pass --no-extras")
+    try:
+        override = json.loads(args.override)
+        GRPOConfig(**override)
+    except (json.JSONDecodeError, TypeError) as e:
+        p.error(f"--override {args.override!r}: {e}; write a JSON object of GRPOConfig fields")
     models = {"sft": args.model, "base": args.base}
     extras = {}
     if args.extras:
@@ -189,7 +196,7 @@ def main(argv=None):
                     heal = ({"heal_mtp_steps": args.heal_steps} if args.extras and not results[key]
                             and name == "sync, IS mask" and env == envs[0] else {})
                     results[key].append(one_run(models[which], out, args.steps, seed,
-                                                {"env": env, **ENV_SETTINGS[env], **overrides, **heal}))
+                                                {"env": env, **ENV_SETTINGS[env], **override, **overrides, **heal}))
                     r = results[key][-1]
                     print(f"{key} seed {seed}: {r['before']:.3f} -> {r['after']:.3f} ({r['seconds']:.0f} s)",
                           flush=True)
@@ -202,8 +209,8 @@ def main(argv=None):
         extras = {"router_replay": replay, "mtp_acceptance": {"sft": acceptance_sft, "after_rl": heal["before"],
                                                               "after_healing": heal["after"]}}
     path = save(args.name, {"steps": args.steps, "seeds": args.seeds, "settings": DEMO_SETTINGS, "envs": envs,
-                            "env_settings": {e: ENV_SETTINGS[e] for e in envs}, "models": models, "summary": rows,
-                            **extras, "runs": results})
+                            "env_settings": {e: ENV_SETTINGS[e] for e in envs}, "override": override,
+                            "models": models, "summary": rows, **extras, "runs": results})
     print(f"{path}\n{plot(results, args.name)}")
 
 
