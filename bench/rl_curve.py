@@ -148,7 +148,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--heal-steps", type=int, default=40, help="MTP healing steps after the first RL run")
     p.add_argument("--envs", default="math_short", help=f"comma-separated, of {sorted(ENV_SETTINGS)}")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"'|'-separated, of {list(CONFIGS)}")
+    p.add_argument("--configs", default="|".join(CONFIGS), help=f"'|'-separated, of {list(CONFIGS)}")
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                    help="router replay, MTP acceptance and healing (on the first environment)")
     p.add_argument("--name", default="rl_curve", help="results file bench/results/<name>.json / .png")
