@@ -3,15 +3,19 @@ sync vs async rollouts, masked importance sampling vs none, and RL from the mode
 
     python bench/rl_curve.py --model runs/sft/final --base /work/models/demo/final      # 14 min on 2 busy cores
     python bench/rl_curve.py --model runs/sft/final --steps 10 --seeds 2                # quicker
+    python bench/rl_curve.py --model runs/sft/final --envs tools_short --configs "sync, IS mask" --no-extras \
+        --steps 20 --name rl_curve_tools                                                # the tool-use environment
 
-Environment: math_short ("3+8-4=?", the built-in SFT set's arithmetic form, reward 1 when math-verify accepts the
-answer); the other built-in environments (tools, code, structured, instructions) need prompts of 500+ bytes and
-skills the tiny byte-level model does not have, so their held-out reward is 0 before and after and they are left
-out of this run. Held-out reward = mean over 32 test-split problems x 4 samples at temperature 1, seeded by the run
-seed, so before / after of one seed score the same draws. Every run: G = 8 samples x 4 prompts per step, reasoning
-on, 48 tokens, lr 1e-4 (the demo's settings, rl/demo.py). Gains are compared with the spread over seeds of the same
-configuration (all numbers from this one run of the script); rl_seconds = wall-clock of the RL loop (rollouts +
-updates, without the held-out evaluations), mean over seeds. Writes bench/results/rl_curve.json and .png.
+Environments (--envs, one after another): math_short ("3+8-4=?", the built-in SFT set's arithmetic form, reward 1
+when math-verify accepts the answer; the default) and tools_short (the SFT set's calc / lookup tool conversations,
+multi-turn: reward (right call + right final answer) / 2; 128 tokens per turn); the other built-in environments
+(tools, code, structured, instructions) need skills the tiny byte-level model does not have, so their held-out
+reward is 0 before and after and they are left out. Held-out reward = mean over 32 test-split problems x 4 samples
+at temperature 1, seeded by the run seed, so before / after of one seed score the same draws. Every run: G = 8
+samples x 4 prompts per step, reasoning on, 48 tokens, lr 1e-4 (the demo's settings, rl/demo.py; tools_short: 128
+tokens per turn). Gains are compared with the spread over seeds of the same configuration (all numbers
+from this one run of the script); rl_seconds = wall-clock of the RL loop (rollouts + updates, without the held-out
+evaluations), mean over seeds. Writes bench/results/<--name>.json and .png (default rl_curve).
 Also measured here: router replay's effect on the train/inference mismatch |logp_train - logp_gen| (a bfloat16
 engine generating, the float32 trainer recomputing, with and without the engine's routing), and MTP healing after
 the first RL run (draft acceptance of the SFT model, of the RL'd model, and after healing its MTP heads).
@@ -42,6 +46,10 @@ from nemotron3.rl.rollout import RolloutRunner, batch_tensors  # noqa: E402
 from nemotron3.rl.train import GRPOConfig, load_envs, replay_tensor, token_logprobs, train_rl  # noqa: E402
 from nemotron3.train.trainer import build_model  # noqa: E402
 
+# per environment, over DEMO_SETTINGS; tools_short: two turns of ~100 tokens (a higher lr did not help: from `make
+# demo`'s SFT'd model, at 5e-4 seed 0's held-out reward fell 0.059 -> 0.016; from another SFT'd model at 2e-4,
+# 0.191 -> 0.172)
+ENV_SETTINGS = {"math_short": {}, "tools_short": {"max_tokens": 128}}
 CONFIGS = {                                  # name -> (model key, overrides)
     "sync, IS mask": ("sft", {}),
     "async, IS mask": ("sft", {"async_rollouts": True}),
@@ -109,10 +117,10 @@ def resummarize(path: str) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     print_table(payload["summary"], COLUMNS)
-    print(plot(payload["runs"]))
+    print(plot(payload["runs"], os.path.splitext(os.path.basename(path))[0]))
 
 
-def plot(results: dict) -> str:
+def plot(results: dict, out_name: str = "rl_curve") -> str:
     fig, ax = new_figure(3, size=(15, 4.2))
     for name, runs in results.items():
         n = min(len(r["train_reward"]) for r in runs)
@@ -129,7 +137,7 @@ def plot(results: dict) -> str:
     ax[2].set_xticks(range(len(names)), [n.replace(", ", "\n") for n in names], fontsize=7)
     ax[2].set(ylabel="held-out reward", title="before -> after, each seed")
     ax[0].legend(fontsize=7)
-    return save_figure(fig, "rl_curve")
+    return save_figure(fig, out_name)
 
 
 def main(argv=None):
@@ -139,42 +147,71 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--heal-steps", type=int, default=40, help="MTP healing steps after the first RL run")
+    p.add_argument("--envs", default="math_short", help=f"comma-separated, of {sorted(ENV_SETTINGS)}")
+    p.add_argument("--configs", default="|".join(CONFIGS), help=f"'|'-separated, of {list(CONFIGS)}")
+    p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
+                   help="router replay, MTP acceptance and healing (on the first environment)")
+    p.add_argument("--name", default="rl_curve", help="results file bench/results/<name>.json / .png")
+    p.add_argument("--override", default="{}", help='JSON of GRPOConfig fields over the settings, e.g. '
+                                                    '\'{"prompts_per_step": 8}\'')
     p.add_argument("--resummarize", default="", help="only redo the table and figure of this results file")
     args = p.parse_args(argv)
     if args.resummarize:
         return resummarize(args.resummarize)
     if not args.model:
         p.error("--model DIR (the SFT'd model) is required")
+    envs = [e.strip() for e in args.envs.split(",") if e.strip()]
+    configs = [c.strip() for c in args.configs.split("|") if c.strip()]
+    for what, given, known in (("--envs", envs, ENV_SETTINGS), ("--configs", configs, CONFIGS)):
+        if not given or any(g not in known for g in given):
+            p.error(f"{what} {given}: choose from {list(known)}")
+    if args.extras and "sync, IS mask" not in configs:
+        p.error("--extras heals MTP after the first 'sync, IS mask' run; add that config or pass --no-extras")
+    try:
+        override = json.loads(args.override)
+        GRPOConfig(**override)
+    except (json.JSONDecodeError, TypeError) as e:
+        p.error(f"--override {args.override!r}: {e}; write a JSON object of GRPOConfig fields")
     models = {"sft": args.model, "base": args.base}
-    replay = replay_effect(args.model)
-    print(f"router replay, |logp_train - logp_gen| over {replay['tokens']} tokens (bf16 engine, fp32 trainer): "
-          f"mean {replay['router_mean']:.4f} -> {replay['replay_mean']:.4f}, max {replay['router_max']:.3f} -> "
-          f"{replay['replay_max']:.3f}", flush=True)
-    sft_model, tok = build_model(GRPOConfig(model=args.model))
-    cfg = GRPOConfig(**{**DEMO_SETTINGS, "model": args.model})
-    acceptance_sft = draft_acceptance(sft_model.eval(), tok, load_envs(cfg), cfg, cfg.mtp_depths)
+    extras = {}
+    if args.extras:
+        replay = replay_effect(args.model)
+        print(f"router replay, |logp_train - logp_gen| over {replay['tokens']} tokens (bf16 engine, fp32 trainer): "
+              f"mean {replay['router_mean']:.4f} -> {replay['replay_mean']:.4f}, max {replay['router_max']:.3f} -> "
+              f"{replay['replay_max']:.3f}", flush=True)
+        sft_model, tok = build_model(GRPOConfig(model=args.model))
+        cfg = GRPOConfig(**{**DEMO_SETTINGS, "model": args.model})
+        acceptance_sft = draft_acceptance(sft_model.eval(), tok, load_envs(cfg), cfg, cfg.mtp_depths)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (which, overrides) in CONFIGS.items():
-            if not models[which]:
-                continue
-            results[name] = []
-            for seed in range(args.seeds):
-                out = os.path.join(tmp, f"{len(results)}_{seed}")
-                heal = {"heal_mtp_steps": args.heal_steps} if not results[name] and name == "sync, IS mask" else {}
-                results[name].append(one_run(models[which], out, args.steps, seed, overrides | heal))
-                r = results[name][-1]
-                print(f"{name} seed {seed}: {r['before']:.3f} -> {r['after']:.3f} ({r['seconds']:.0f} s)", flush=True)
+        for env in envs:
+            for name in configs:
+                which, overrides = CONFIGS[name]
+                if not models[which]:
+                    continue
+                key = name if len(envs) == 1 else f"{env}: {name}"
+                results[key] = []
+                for seed in range(args.seeds):
+                    out = os.path.join(tmp, f"{len(results)}_{seed}")
+                    heal = ({"heal_mtp_steps": args.heal_steps} if args.extras and not results[key]
+                            and name == "sync, IS mask" and env == envs[0] else {})
+                    results[key].append(one_run(models[which], out, args.steps, seed,
+                                                {"env": env, **ENV_SETTINGS[env], **override, **overrides, **heal}))
+                    r = results[key][-1]
+                    print(f"{key} seed {seed}: {r['before']:.3f} -> {r['after']:.3f} ({r['seconds']:.0f} s)",
+                          flush=True)
     rows = [summarize(name, runs) for name, runs in results.items()]
     print_table(rows, COLUMNS)
-    heal = results["sync, IS mask"][0]["heal"]
-    print(f"MTP draft acceptance: SFT model {acceptance_sft:.3f}, after RL {heal['before']:.3f}, after healing "
-          f"{heal['after']:.3f}")
-    path = save("rl_curve", {"steps": args.steps, "seeds": args.seeds, "settings": DEMO_SETTINGS,
-                             "models": models, "summary": rows, "router_replay": replay,
-                             "mtp_acceptance": {"sft": acceptance_sft, "after_rl": heal["before"],
-                                                "after_healing": heal["after"]}, "runs": results})
-    print(f"{path}\n{plot(results)}")
+    if args.extras:
+        heal = results["sync, IS mask" if len(envs) == 1 else f"{envs[0]}: sync, IS mask"][0]["heal"]
+        print(f"MTP draft acceptance: SFT model {acceptance_sft:.3f}, after RL {heal['before']:.3f}, after healing "
+              f"{heal['after']:.3f}")
+        extras = {"router_replay": replay, "mtp_acceptance": {"sft": acceptance_sft, "after_rl": heal["before"],
+                                                              "after_healing": heal["after"]}}
+    path = save(args.name, {"steps": args.steps, "seeds": args.seeds, "settings": DEMO_SETTINGS, "envs": envs,
+                            "env_settings": {e: ENV_SETTINGS[e] for e in envs}, "override": override,
+                            "models": models, "summary": rows, **extras, "runs": results})
+    print(f"{path}\n{plot(results, args.name)}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def test_user_class_loads_from_module_colon_class_with_kwargs(user_module):
     ("my_envs:HalfTool", "lacks tasks, score, respond, done;"),
     ("no_such_module_xyz:Env", "cannot import module 'no_such_module_xyz'"),
     ("my_envs:", "write it as 'module.path:ClassName'"),
-    ("mathh", "neither a built-in (math, math_short, code, structured, instructions, tools) nor "
+    ("mathh", "neither a built-in (math, math_short, code, structured, instructions, tools, tools_short) nor "
               "'module.path:ClassName'"),
 ])
 def test_bad_environment_specs_get_one_clear_message(user_module, spec, message):

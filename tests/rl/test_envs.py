@@ -1,8 +1,10 @@
 """Built-in environments on fixed right / wrong answers. Oracles: hand-written answers and solutions (built in the
 test from the prompt text, not from the task's stored answer), math-verify's and jsonschema's own verdicts on fixed
-strings, and a scripted tool-using agent that reads only the user's request."""
+strings, scripted tool-using agents that read only the user's request (tools_short: products computed in the test),
+and the built-in SFT set's own generators for the form tools_short asks in."""
 
 import json
+import random
 import re
 import threading
 from itertools import islice
@@ -14,7 +16,8 @@ from nemotron3.rl.envs.code import CodeEnv
 from nemotron3.rl.envs.instructions import InstructionsEnv, holds
 from nemotron3.rl.envs.math import MathEnv, last_boxed
 from nemotron3.rl.envs.structured import StructuredEnv
-from nemotron3.rl.envs.tools import ToolsEnv
+from nemotron3.rl.envs.tools import ShortToolsEnv, ToolsEnv
+from nemotron3.train.sft_data import CALCULATOR, LOOKUP, calculator_chat, key_lookup_chat
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def _prompts(env, split, n, seed=0):
     return [t.messages[-1]["content"] for t in islice(env.tasks(split, seed), n)]
 
 
-@pytest.mark.parametrize("name", ["math", "code", "structured", "instructions", "tools"])
+@pytest.mark.parametrize("name", ["math", "code", "structured", "instructions", "tools", "tools_short"])
 def test_generators_are_deterministic_and_the_test_split_is_held_out(name):
     env = load_environment(name)
     train = _prompts(env, "train", 150)
@@ -264,3 +267,66 @@ def test_math_short_asks_in_the_sft_sets_form_and_survives_pickling():
     assert copy.score(Task([], {"answer": "7"}), "7") == 1.0
     env.verifier.close()
     copy.verifier.close()
+
+
+def _short_agent_call(question):
+    """The call a right agent makes, read off the question alone: calc for 'a*b=?', lookup for 'kN?'."""
+    if m := re.fullmatch(r"(\d+)\*(\d+)=\?", question):
+        return {"name": "calc", "arguments": {"expr": f"{m[1]}*{m[2]}"}}, str(int(m[1]) * int(m[2]))
+    m = re.fullmatch(r"(k\d+)\?", question)
+    return {"name": "lookup", "arguments": {"key": m[1]}}, None
+
+
+def test_tools_short_right_call_and_answer_score_1_and_wrong_ones_less():
+    env = ShortToolsEnv()
+    tasks = list(islice(env.tasks("train", 2), 40))
+    assert {t.data["tools"][0]["function"]["name"] for t in tasks} == {"calc", "lookup"}
+    for task in tasks:
+        call, product = _short_agent_call(task.messages[-1]["content"])
+        right, wrong_answer, no_call = task.copy(), task.copy(), task.copy()
+        messages = list(task.messages) + [{"role": "assistant", "content": "", "tool_calls": [call]}]
+        assert not env.done(right, messages)
+        (reply,) = env.respond(right, [call])
+        assert reply["role"] == "tool" and (product is None or reply["content"] == product)   # calc: a*b by hand
+        assert env.done(right, messages + [reply, {"role": "assistant", "content": reply["content"]}])
+        assert env.score(right, f"{reply['content']}\n") == {"reward": 1.0, "call": 1.0, "answer": 1.0}
+        env.respond(wrong_answer, [call])
+        assert env.score(wrong_answer, reply["content"] + "0")["reward"] == 0.5      # right call, answer miscopied
+        assert env.score(no_call, reply["content"])["reward"] == 0.5                 # right answer without a call
+        assert env.score(no_call, "7")["reward"] == 0.0
+        assert env.score(task, reply["content"])["call"] == 0.0       # the copies left the original untouched
+
+
+def test_tools_short_asks_in_the_sft_sets_form():
+    env = ShortToolsEnv()
+    sft = [calculator_chat(random.Random(i)) for i in range(3)] + [key_lookup_chat(random.Random(i)) for i in range(3)]
+    for task in islice(env.tasks("train", 0), 20):
+        tool = CALCULATOR if "*" in task.messages[0]["content"] else LOOKUP
+        assert task.data["tools"] == [tool]
+        same = [r for r in sft if r["tools"] == [tool]]
+        assert all(re.sub(r"\d+", "N", r["messages"][0]["content"]) == re.sub(r"\d+", "N", task.messages[0]["content"])
+                   and r["messages"][0]["role"] == task.messages[0]["role"] for r in same)
+        assert len(task.messages) == 1
+
+
+def test_tools_short_bad_calls_get_errors_and_no_credit():
+    env = ShortToolsEnv(max_turns=2)
+    calc = Task([{"role": "user", "content": "12*34=?"}], {"tools": [CALCULATOR], "answer": "408", "table": {}})
+    replies = env.respond(calc, [{"name": "lookup", "arguments": {"key": "k1"}},
+                                 {"name": "calc", "arguments": {"x": "12*34"}},
+                                 {"name": "calc", "arguments": {"expr": "9**9**9"}},
+                                 {"name": "calc", "arguments": {"expr": "__import__('os')"}},
+                                 {"name": "calc", "arguments": '{"expr": "12*3'}])
+    texts = [r["content"] for r in replies]
+    assert "unknown tool 'lookup'" in texts[0] and "takes one argument, expr" in texts[1]
+    assert all("calc takes integers" in t for t in texts[2:4]) and "takes one argument" in texts[4]
+    assert env.score(calc, "408") == {"reward": 0.5, "call": 0.0, "answer": 1.0}
+    assert env.respond(calc, [{"name": "calc", "arguments": {"expr": "12 * 34"}}])[0]["content"] == "408"
+    for expr, value in (("05*77", "385"), ("3+4*2-1", "10"), ("2*3*4-30", "-6")):            # by hand
+        assert env.respond(calc, [{"name": "calc", "arguments": {"expr": expr}}])[0]["content"] == value
+    lookup = Task([], {"tools": [LOOKUP], "answer": "v5", "table": {"k3": "v5"}})
+    assert "no key 'k4'" in env.respond(lookup, [{"name": "lookup", "arguments": {"key": "k4"}}])[0]["content"]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"name": "calc", "arguments": {}}]}
+    assert not env.done(calc, [call]) and env.done(calc, [call, {"role": "tool", "content": "1"}, call])
+    with pytest.raises(ValueError, match="max_turns >= 2"):
+        ShortToolsEnv(max_turns=1)

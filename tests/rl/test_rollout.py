@@ -249,6 +249,24 @@ def test_tool_turn_text_appends_only_what_the_template_adds():
         tool_turn_text(Unstable(), messages, replies, "", False)
 
 
+def test_tool_turn_text_with_the_builtin_template_that_strips_message_content():
+    # the built-in chat template strips each message's content: the end-of-turn probe must survive that. Oracle:
+    # the template's own rendering of the conversation with the tool turn, after its rendering without it
+    from nemotron3.train.sft_data import CALCULATOR
+    call = {"type": "function", "function": {"name": "calc", "arguments": {"expr": "12*34"}}}
+    messages = [{"role": "user", "content": "12*34=?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    replies = [{"role": "tool", "content": "408"}]
+    for thinking in (False, True):
+        without = TOK.apply_chat_template(messages, add_generation_prompt=False, tools=[CALCULATOR],
+                                          enable_thinking=thinking)
+        full = TOK.apply_chat_template(messages + replies, tools=[CALCULATOR], enable_thinking=thinking)
+        assert without.endswith("<|im_end|>\n") and full.startswith(without)
+        turn = "</tool_call>\n"                                 # the end of what the model wrote
+        for written in (turn + "<|im_end|>", turn):               # the stop token kept as text, or swallowed
+            assert written + tool_turn_text(TOK, messages, replies, written, thinking, [CALCULATOR]) == \
+                turn + "<|im_end|>\n" + full[len(without):]
+
+
 def test_batch_tensors_align_masks_logprobs_and_versions_to_their_tokens():
     def traj(prompt, completion, mask, lps, versions, reward, finish="stop"):
         return Trajectory(prompt, completion, mask, lps, versions, reward, {}, "e", Task([]), 0, 0, finish, 1, [])

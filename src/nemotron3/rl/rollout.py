@@ -47,7 +47,7 @@ from nemotron3.chat_format import ToolCallError, parse_tool_calls
 from nemotron3.infer import Engine, Request, SamplingParams
 from nemotron3.rl.environment import Environment, Task, load_environment, reward_of
 
-_PROBE = "\x1d<probe>\x1d"       # content no real message contains: locates the template's end-of-turn text
+_PROBE = "<\x1dprobe\x1d>"   # no real message holds it; no whitespace at its ends (\x1d is, to str.strip)
 
 
 @dataclass

@@ -54,8 +54,8 @@ from .rollout import RolloutConfig, SyncRollouts, batch_tensors, policy_weights,
 class GRPOConfig(TrainerConfig):
     """RL's run settings: the trainer's plus rollouts, GRPO and the curriculum."""
     env: str = "math"
-    """Environments, comma-separated: built-in names (math, math_short, code, structured, instructions, tools) or
-    module.path:ClassName for your own Environment subclass."""
+    """Environments, comma-separated: built-in names (math, math_short, code, structured, instructions, tools,
+    tools_short) or module.path:ClassName for your own Environment subclass."""
     env_weights: str = ""
     """Share of every batch per environment, comma-separated in --env order, e.g. 3,1 (default: equal)."""
     out: str = "runs/rl"

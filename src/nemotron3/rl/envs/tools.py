@@ -11,6 +11,18 @@ Episode state (the database) lives in task.data["db"], so each sampled trajector
 Tool calls arrive parsed, OpenAI style: {"name": "set_quantity", "arguments": {"item": "pears", "quantity": 7}};
 arguments are validated against the tool's JSON schema, and a bad call gets an error message back, not a crash.
 The episode ends when the assistant answers without tool calls or after `max_turns` assistant turns.
+
+`tools_short` (ShortToolsEnv) asks in the built-in SFT set's tool conversations instead, with its two minimal tools:
+
+    user: 37*45=?     (calc listed)   assistant -> calc(expr="37*45")   tool <- 1665   assistant -> "1665"   reward 1
+    user: k17?        (lookup listed) assistant -> lookup(key="k17")    tool <- v42    assistant -> "v42"    reward 1
+
+Two-digit products are beyond the tiny model's arithmetic and lookup values are drawn per task and held only by
+the environment, so the right final answer (the whole reply, stripped) needs the right call and copying its result:
+what the byte-level demo model was fine-tuned on, so RL starts with a signal (bench/rl_curve.py --envs tools_short).
+Reward = (call + answer) / 2: call = 1 when a tool reply held the answer (the call was right), answer = 1 when the
+final reply is the answer; half credit for the call keeps a signal where the model, sampling at temperature 1,
+rarely copies both right (the SFT'd demo model: ~3% right answers).
 Left out: several databases, multi-step lookups across tables, conversational users.
 """
 
@@ -18,6 +30,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterator
 
 from nemotron3.rl.environment import Environment, Task, check_split, split_of
@@ -127,8 +140,88 @@ class ToolsEnv(Environment):
         return replies
 
     def done(self, task: Task, messages: list[dict]) -> bool:
-        turns = [m for m in messages if m.get("role") == "assistant"]
-        return bool(turns) and (not turns[-1].get("tool_calls") or len(turns) >= self.max_turns)
+        return episode_over(messages, self.max_turns)
 
     def score(self, task: Task, completion: str) -> float:
         return float(task.data["db"] == task.data["target"])
+
+
+def episode_over(messages: list[dict], max_turns: int) -> bool:
+    """True once the last assistant turn made no tool call, or after max_turns assistant turns."""
+    turns = [m for m in messages if m.get("role") == "assistant"]
+    return bool(turns) and (not turns[-1].get("tool_calls") or len(turns) >= max_turns)
+
+
+_CALC_EXPR = re.compile(r"\d{1,6}(?:[+*-]\d{1,6}){0,3}")   # what calc evaluates: small non-negative integers, + - *
+
+
+def _calc(expr: str) -> str:
+    """The calc tool: the value of an integer expression (* before + and -), or an error text."""
+    expr = expr.replace(" ", "")
+    if not _CALC_EXPR.fullmatch(expr):
+        return "error: calc takes integers joined by + - *, e.g. 37*45"
+    total = 0
+    for sign, term in re.findall(r"([+-]?)([\d*]+)", expr):       # signed products: "3+4*2-1" -> 3, +4*2, -1
+        product = 1
+        for factor in term.split("*"):
+            product *= int(factor)                                 # int("05") == 5, as a person reads it
+        total += -product if sign == "-" else product
+    return str(total)
+
+
+class ShortToolsEnv(Environment):
+    """`tools_short`: one tool call in the built-in SFT set's form, then the answer (module docstring)."""
+    name = "tools_short"
+    multi_turn = True
+
+    def __init__(self, max_turns: int = 3, calc_share: float = 4 / 7):
+        if max_turns < 2 or not 0.0 <= calc_share <= 1.0:
+            raise ValueError(f"ShortToolsEnv needs max_turns >= 2 (a call, then the answer) and calc_share in "
+                             f"[0, 1], got {max_turns}, {calc_share}.")
+        self.max_turns, self.calc_share = max_turns, calc_share
+
+    def tasks(self, split: str, seed: int) -> Iterator[Task]:
+        from nemotron3.train.sft_data import CALCULATOR, LOOKUP
+        check_split(split)
+        rng = random.Random(seed)
+        while True:
+            if rng.random() < self.calc_share:                 # the SFT set's calculator: 2 digits times 2 digits
+                a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+                question, tool, answer, table = f"{a}*{b}=?", CALCULATOR, str(a * b), {}
+            else:                                              # its key lookup: the value only the tool knows
+                k, v = rng.randrange(100), rng.randrange(100)
+                question, tool, answer, table = f"k{k}?", LOOKUP, f"v{v}", {f"k{k}": f"v{v}"}
+            if split_of(question) == split:
+                yield Task([{"role": "user", "content": question}],
+                           {"tools": [tool], "answer": answer, "table": table})
+
+    def respond(self, task: Task, tool_calls: list[dict]) -> list[dict]:
+        replies = []
+        for call in tool_calls:
+            name = call.get("name") if isinstance(call, dict) else None
+            args = call.get("arguments") if isinstance(call, dict) else None
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError:
+                    args = None
+            tool = task.data["tools"][0]["function"]
+            (param,) = tool["parameters"]["properties"]
+            if name != tool["name"]:
+                result = f"error: unknown tool {name!r}; the tool is {tool['name']}"
+            elif not isinstance(args, dict) or set(args) != {param} or not isinstance(args[param], (str, int)):
+                result = f"error: {name} takes one argument, {param}"
+            elif name == "calc":
+                result = _calc(str(args[param]))
+            else:
+                result = task.data["table"].get(str(args[param]), f"error: no key {args[param]!r}")
+            task.data["called"] = task.data.get("called", False) or result == task.data["answer"]
+            replies.append({"role": "tool", "name": str(name), "content": result})
+        return replies
+
+    def done(self, task: Task, messages: list[dict]) -> bool:
+        return episode_over(messages, self.max_turns)
+
+    def score(self, task: Task, completion: str) -> dict[str, float]:
+        call, answer = float(task.data.get("called", False)), float(completion.strip() == task.data["answer"])
+        return {"reward": (call + answer) / 2, "call": call, "answer": answer}
