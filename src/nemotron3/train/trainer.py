@@ -119,10 +119,10 @@ class TrainerConfig:
     act_ckpt: bool = False
     """Activation checkpointing per block: keep only block inputs, recompute the rest in backward."""
     cpu_offload: bool = False
+    """FSDP2: keep the sharded parameters, gradients and optimizer state in CPU memory."""
     async_save: bool = False
     """Sharded runs: write checkpoints in the background (dcp.async_save) while training continues; step_N appears
     (atomically) once every rank has finished writing it, at the next save or the end of the run."""
-    """FSDP2: keep the sharded parameters, gradients and optimizer state in CPU memory."""
     constant_lr: bool = False
     """Constant learning rate --lr from the first step (no warmup, no decay): the long-context stage's schedule."""
 
@@ -215,10 +215,9 @@ class Trainer:
             load_into_shards(model, cfg.model, self.device)
         self.optimizer = make_optimizer(model, cfg)
         decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_fraction)
-        self.schedule = WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start),   # short runs
-                                    cfg.decay_fraction, 0.01, "minus_sqrt")
-        if cfg.constant_lr:
-            self.schedule = WSDSchedule(cfg.lr, cfg.max_steps, 0, 0.0)
+        self.schedule = (WSDSchedule(cfg.lr, cfg.max_steps, 0, 0.0) if cfg.constant_lr else
+                         WSDSchedule(cfg.lr, cfg.max_steps, min(cfg.warmup_steps, decay_start),   # short runs
+                                     cfg.decay_fraction, 0.01, "minus_sqrt"))
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
         self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.log = log if self.rank == 0 else (lambda *_: None)      # rank 0 speaks; None: a progress bar
