@@ -58,6 +58,7 @@ def test_chat_streams_reasoning_and_answer(tmp_path, capsys, monkeypatch):
     (["generate", "--preset", "tiny", "--prompt", "x", "--min-p", "2"], "--min-p"),
     (["generate", "--preset", "tiny", "--prompt", "x", "--num-speculative-tokens", "-1"], "--num-speculative"),
     (["chat", "--preset", "tiny", "--reasoning-budget", "-2"], "--reasoning-budget"),
+    (["generate", "--preset", "tiny", "--prompt", "x", "--max-len", "1"], "--max-len 1 must be >= 2"),
 ])
 def test_bad_input_is_one_clear_line(argv, match, capsys):
     assert main(argv) == 2

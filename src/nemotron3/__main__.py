@@ -118,6 +118,10 @@ def _generate_args(prog):
                         "MTP heads; 0 = plain decoding)")
     p.add_argument("--reasoning-budget", type=int, default=None,
                    help="thinking tokens allowed before the thought is closed (chat / a prompt that opens <think>)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="longest prompt + new tokens accepted (default: the model's max_position_embeddings, the "
+                        "length it was trained for; it has no positional encoding, so longer contexts run, with K/V "
+                        "memory growing linearly)")
     return p
 
 
@@ -162,10 +166,12 @@ def _engine(model, tok, args):
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
     if args.reasoning_budget is not None and args.reasoning_budget < 0:
         raise UserError(f"--reasoning-budget {args.reasoning_budget} must be >= 0 (thinking tokens).")
+    if args.max_len is not None and args.max_len < 2:
+        raise UserError(f"--max-len {args.max_len} must be >= 2 (prompt + new tokens).")
     _sampling(args)
     if args.compile:
         model.compile_decode()
-    return Engine(model, tok, num_speculative_tokens=K)
+    return Engine(model, tok, num_speculative_tokens=K, max_model_len=args.max_len)
 
 
 def _sampling(args):

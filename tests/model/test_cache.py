@@ -87,6 +87,22 @@ def test_cache_overflow_and_bad_inputs_are_clear(model):
         model.generate(torch.tensor([[1]]), 10**6)
 
 
+def test_generate_runs_past_max_position_embeddings_when_allowed():
+    """No positional encoding: max_position_embeddings (the trained length) is only the default limit. Past it,
+    with max_model_len raised, greedy generation equals the argmax of full cache-less forwards."""
+    torch.manual_seed(0)
+    short = randomize_(NemotronForCausalLM(from_preset("tiny", chunk_size=4, max_position_embeddings=32))).eval()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="raise the limit"):
+        short.generate(ids, 5)
+    out = short.generate(ids, 5, max_model_len=45)
+    want = ids
+    with torch.no_grad():
+        for _ in range(5):
+            want = torch.cat([want, short(want).logits[:, -1:].argmax(-1)], dim=1)
+    assert out.tolist() == want.tolist()
+
+
 def test_static_decode_step_matches_cached_forward(model):
     """decode_step (whole KV buffer under a position mask, what compile_decode compiles) == forward's decode."""
     ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))

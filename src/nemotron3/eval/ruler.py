@@ -290,7 +290,10 @@ def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], samples: in
         raise ValueError(f"method {method!r} must be one of {METHODS}.")
     from ..infer import Engine, Request, SamplingParams
     from .nll import candidate_logprobs, rank_of_first
-    engine = Engine(model, tokenizer) if method in ("generate", "both") else None
+    # no positional encoding: any length runs, so the engine accepts the longest prompt asked + its answer
+    longest = max(lengths) + max(TASKS[t].max_new_tokens for t in tasks)
+    engine = Engine(model, tokenizer, prefill_chunk=prefill_chunk, max_batch=1,
+                    max_model_len=longest) if method in ("generate", "both") else None
     records = []
     for length in lengths:
         for task in tasks:
@@ -426,12 +429,6 @@ def main(argv) -> None:
         if value < 1:
             raise ValueError(f"{flag} {value} must be >= 1.")
     model = load_model(args)
-    limit = model.config.max_position_embeddings
-    answer = max(TASKS[t].max_new_tokens for t in tasks)
-    if args.method != "logprob" and (too_long := [n for n in lengths if n + answer > limit]):
-        raise ValueError(f"--lengths {format_length(too_long[0])}: a prompt of {too_long[0]} tokens plus {answer} "
-                         f"for the answer exceeds the model's context of {limit} (max_position_embeddings); use "
-                         f"--method logprob (no generation) or shorter lengths.")
     tok = load_tokenizer(args.model, model.config.vocab_size)
     records = evaluate(model, tok, tasks, lengths, args.samples, args.method, args.seed, args.distractors,
                        args.prefill_chunk, log=lambda msg: print(msg, file=sys.stderr))

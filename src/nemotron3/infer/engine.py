@@ -108,7 +108,8 @@ class Engine:
         if len(ids) + request.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
                              f"context of {self.max_model_len} tokens (max_position_embeddings, or the engine's "
-                             f"max_model_len); shorten the prompt or ask for fewer tokens.")
+                             f"max_model_len); shorten the prompt, ask for fewer tokens, or raise the limit "
+                             f"(max_model_len= / --max-len: no positional encoding, so longer contexts run).")
         V = self.model.config.vocab_size
         if not all(isinstance(t, int) and 0 <= t < V for t in ids):
             raise ValueError(f"prompt ids must be integers in [0, {V}) (vocab_size is {V}); tokenize with this "

@@ -21,9 +21,12 @@ from .sampling import SamplingParams
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, attention_mask=None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
-             seed: int | None = None, compile: bool = False, num_speculative_tokens: int = 0) -> torch.Tensor:
+             seed: int | None = None, compile: bool = False, num_speculative_tokens: int = 0,
+             max_model_len: int | None = None) -> torch.Tensor:
     """Greedy (do_sample=False) or sampled continuation of each row. attention_mask marks left padding (0).
-    compile=True compiles the decode step first (model.compile_decode). seed: row i uses seed + i."""
+    compile=True compiles the decode step first (model.compile_decode). seed: row i uses seed + i.
+    max_model_len: the longest prompt + new tokens accepted (default config.max_position_embeddings, the trained
+    length; the model has no positional encoding, so any length runs, with K/V memory growing linearly)."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -41,7 +44,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, attent
         params = SamplingParams(temperature if do_sample else 0.0, top_k or 0, 1.0 if top_p is None else top_p, min_p,
                                 repetition_penalty, None if seed is None else seed + i)
         requests.append(Request(row, max_new_tokens, params, stop_token_ids=eos))
-    engine = Engine(model, None, num_speculative_tokens, max_batch=max(len(requests), 1))
+    engine = Engine(model, None, num_speculative_tokens, max_batch=max(len(requests), 1), max_model_len=max_model_len)
     results = engine.generate(requests)
     n = max(len(r.token_ids) + (r.finish_reason == "stop") for r in results)
     out = torch.full((len(results), n), eos[0] if eos else 0, dtype=input_ids.dtype, device=input_ids.device)
