@@ -3,6 +3,7 @@ greedy decoding; wall time, tokens/s, peak RSS and the cache's K/V + Mamba-state
 
     python bench/long_context.py --lengths 1048576 --presets tiny --decode-tokens 32     # the 1M run (hours)
     python bench/long_context.py                                     # the regular run (tiny + small, 1K ... 256K)
+    python bench/long_context.py --decode-only --decode-contexts 1048576    # decode rows at 1M (random K/V)
     python bench/long_context.py --attention-paths 4096,65536,262144     # one chunk's attention, three ways
     python bench/long_context.py --packed-paths 4096,16384               # packed training rows, two ways
 
@@ -237,10 +238,60 @@ def regular_run(args) -> None:
     print("wrote", path)
 
 
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def kv_bytes(config, context: int) -> int:
+    """fp32 K + V bytes of a batch-1 cache holding `context` tokens: 2 x attention layers x nKV x head_dim x 4."""
+    n_attn = config.layers_block_type.count("full_attention")
+    return 2 * n_attn * config.num_key_value_heads * config.head_dim * 4 * context
+
+
+def decode_rows(args) -> None:
+    """Only the decode-vs-context rows (hybrid vs matched all-attention) at --decode-contexts, merged into
+    long_context.json (replacing rows of the same preset and context), then the plot redrawn: the 1M rows."""
+    path = os.path.join(RESULTS, "long_context.json")
+    with open(path) as f:
+        result = json.load(f)
+    for preset in args.presets:
+        hybrid = build(preset, max_position_embeddings=2**21)
+        attn_cfg = matched_transformer(hybrid.config)
+        torch.manual_seed(0)
+        all_attention = NemotronForCausalLM(attn_cfg).eval()
+        for T in args.decode_contexts:
+            row = dict(preset=preset, context=T, hybrid_tok_s=decode_rate_at(hybrid, T, args.decode_steps),
+                       all_attention_pattern=attn_cfg.hybrid_override_pattern)
+            need, avail = kv_bytes(attn_cfg, T), _mem_available()
+            if need < 0.6 * avail:
+                row["all_attention_tok_s"] = decode_rate_at(all_attention, T, args.decode_steps)
+                row["ratio"] = row["hybrid_tok_s"] / row["all_attention_tok_s"]
+            else:                    # its K/V alone would not fit: the row says so instead of being OOM-killed
+                row["all_attention_tok_s"] = row["ratio"] = None
+                row["all_attention_note"] = f"K/V of {need / 2**30:.1f} GiB does not fit ({avail / 2**30:.1f} GiB free)"
+            result["decode"] = [r for r in result["decode"] if (r["preset"], r["context"]) != (preset, T)] + [row]
+            result["decode"].sort(key=lambda r: (r["preset"], r["context"]))
+            save("long_context", result)
+            print(json.dumps(row), flush=True)
+        del all_attention
+    print_table(result["decode"], ["preset", "context", "hybrid_tok_s", "all_attention_tok_s", "ratio"])
+    plot(result)
+
+
+def _huge_rows(preset: str) -> list[dict]:
+    """Rows of the separate 1M-token run (long_context_1048576.json), when it has been run."""
+    path = os.path.join(RESULTS, "long_context_1048576.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in json.load(f)["runs"] if r["preset"] == preset]
+
+
 def plot(result) -> None:
     fig, (a, b, c) = new_figure(3, (16, 4.5))
     for i, preset in enumerate(dict.fromkeys(r["preset"] for r in result["prefill"])):
-        rows = [r for r in result["prefill"] if r["preset"] == preset]
+        rows = [r for r in result["prefill"] if r["preset"] == preset] + _huge_rows(preset)
         a.plot([r["tokens"] for r in rows], [r["prefill_tok_s"] for r in rows], "o-", color=f"C{i}",
                label=f"{preset} chunked")
         b.plot([r["tokens"] for r in rows], [r["peak_rss_gib"] for r in rows], "o-", color=f"C{i}", label=preset)
@@ -253,7 +304,8 @@ def plot(result) -> None:
         dec = [r for r in result["decode"] if r["preset"] == preset]
         c.plot([r["context"] for r in dec], [r["hybrid_tok_s"] for r in dec], "o-", color=f"C{i}",
                label=f"{preset} hybrid")
-        c.plot([r["context"] for r in dec], [r["all_attention_tok_s"] for r in dec], "s:", color=f"C{i}",
+        fits = [r for r in dec if r["all_attention_tok_s"]]
+        c.plot([r["context"] for r in fits], [r["all_attention_tok_s"] for r in fits], "s:", color=f"C{i}",
                label=f"{preset} all-attention")
     for ax, title, ylabel in ((a, "prefill speed", "tokens / s"), (b, "peak memory (RSS)", "GiB"),
                               (c, "decode speed vs context", "tokens / s")):
@@ -366,6 +418,8 @@ def main(argv=None) -> None:
     ap.add_argument("--equal-lengths", type=ints, default=[4096, 16384])
     ap.add_argument("--decode-contexts", type=ints, default=[4096, 65536, 262144])
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the decode rows at --decode-contexts, merged into long_context.json (e.g. 1048576)")
     ap.add_argument("--replot", action="store_true", help="redraw long_context.png from long_context.json")
     ap.add_argument("--packed-paths", type=ints, default=None,
                     help="only time packed-row attention (block-diagonal mask / per document) at these row lengths")
@@ -377,6 +431,8 @@ def main(argv=None) -> None:
     if args.replot:
         with open(os.path.join(RESULTS, "long_context.json")) as f:
             return plot(json.load(f))
+    if args.decode_only:
+        return decode_rows(args)
     if args.packed_paths:
         return packed_paths(args.packed_paths)
     if args.attention_paths:
