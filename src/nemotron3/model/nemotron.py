@@ -208,7 +208,7 @@ class NemotronForCausalLM(nn.Module):
                 labels: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
                 loss_reduction: str = "mean", logits_to_keep: int = 0, mtp_depths: int = 0,
                 return_router: bool = False, keep_mamba_states: bool = False,
-                routed_experts: torch.Tensor | None = None) -> NemotronOutput:
+                routed_experts: torch.Tensor | None = None, seq_shard=None) -> NemotronOutput:
         """input_ids (b, L). attention_mask (b, L), or (b, cached + L) as HF generate passes it; 1 = token,
         0 = left padding. With `cache`, row r's tokens continue its cached sequence at position cache.pos[r] and the
         cache is advanced. logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D
@@ -227,7 +227,12 @@ class NemotronForCausalLM(nn.Module):
         speculative verifier can keep any prefix (HybridCache.keep_prefix).
         routed_experts (b, L, MoE layers, K) integer (router replay, RL): the experts each position is sent to in the
         main model's MoE layers (in layer order, as the engine's Result.routed_experts records them) instead of the
-        routers' own top-K choice; the combine weights still come from the router scores of those experts."""
+        routers' own top-K choice; the combine weights still come from the router scores of those experts.
+        seq_shard (context parallelism, installed from outside by train/context_parallel.py): a function taking a
+        whole-row (b, L, ...) tensor to this rank's slice of the sequence. Row-level facts (the packed-sequence
+        index, the shifted targets, MTP's next tokens) come from the whole rows; the layers, logits and losses cover
+        the slice (the attention and Mamba mixers, wrapped from outside, reach the whole sequence by all-to-all and
+        are given seq_idx whole). Cache-less and unpadded only."""
         b, L = self._check_inputs(input_ids, cache)
         mask = self._new_token_mask(attention_mask, b, L)
         if labels is not None and labels.shape != input_ids.shape:
@@ -249,6 +254,10 @@ class NemotronForCausalLM(nn.Module):
                 raise ValueError(f"position_ids must be an integer tensor shaped like input_ids "
                                  f"{tuple(input_ids.shape)}; got {position_ids.dtype} {tuple(position_ids.shape)}.")
             seq_idx = packed_sequence_index(position_ids)
+        if seq_shard is not None and (cache is not None or mask is not None):
+            raise ValueError("context parallelism runs cache-less forwards without padding; mark padding with "
+                             "labels -100 or pack the rows (position_ids) instead of an attention_mask.")
+        local = seq_shard or (lambda t: t)                       # whole row -> this rank's slice (or itself)
         pos = span = None
         if cache is not None:
             pos = cache.reserve(L, mask)
@@ -265,23 +274,24 @@ class NemotronForCausalLM(nn.Module):
 
         routing = {} if return_router else None    # MoE layer index -> RouterOutput (MTP layers: index >= n)
         if routed_experts is not None:
-            routing = Routing(self._replay(routed_experts, b, L))
+            routing = Routing(self._replay(local(routed_experts), b, local(input_ids).shape[1]))
         mamba_states = {} if keep_mamba_states else None
-        h = self.backbone(input_ids, mask, cache, pos, span, mamba_states, seq_idx, routing)
+        h = self.backbone(local(input_ids), mask, cache, pos, span, mamba_states, seq_idx, routing)
         if cache is not None:
             cache.advance(L)
         out = NemotronOutput(logits=None, hidden_states=h, mamba_states=mamba_states or {})
         if labels is not None:
             def head_loss(hk, shift):                  # the LM head's loss against the labels `shift` ahead
                 w = None if loss_weights is None else F.pad(loss_weights[:, shift:], (0, min(shift, L)))
-                return fused_linear_cross_entropy(hk, self.lm_head.weight, shifted_targets(labels, mask, shift,
-                                                  seq_idx), weights=w, reduction=loss_reduction)
+                return fused_linear_cross_entropy(hk, self.lm_head.weight, local(shifted_targets(labels, mask, shift,
+                                                  seq_idx)), weights=w if w is None else local(w),
+                                                  reduction=loss_reduction)
             out.loss, out.accuracy = head_loss(h, 1)
         if labels is None or logits_to_keep:
             out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
         if mtp_depths:
             out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask, seq_idx,
-                                             routing)
+                                             routing, seq_shard)
             if labels is None:
                 out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
             else:   # depth k at position t predicts token t+k+1
