@@ -13,6 +13,10 @@ of the 2 cores and 4 ranks oversubscribe them: the tokens/s column mixes the sca
 Measured (2 shared cores, small preset, 2 x 256 tokens per rank): 307 / 341 / 387 / 548 tokens/s at dp1xep1,
 dp2xep1, dp1xep2, dp2xep2 (+-10% between runs); peak 321 / 278 / 284 / 252 MiB per rank; 4,138 bytes per token per MoE layer for MoE
 against 1,015 for LatentMoE (4.08x = d/l; expected 4,096 and 1,024).
+Context parallelism (--cp-only runs just these rows, ~2 min): one row of 4096 tokens per data-parallel rank, split
+over the cp ranks. Measured (2 shared cores, a background benchmark on them too, so ratios only): 448 / 847 / 684
+tokens/s at dp1xcp1, dp2xcp1, dp1xcp2 (cp 2: 1.53x one rank); peak 1,144 / 1,100 / 615 MiB per rank (cp 2: 0.54x,
+the saved activations halve; FSDP2 sharding alone, dp 2, barely moves it at this length).
 """
 
 from __future__ import annotations
