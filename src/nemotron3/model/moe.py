@@ -27,6 +27,7 @@ CPU backward also fails in torch 2.13.
 
 from __future__ import annotations
 
+from collections import UserDict
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,11 @@ class RouterOutput:
     scores_TE: torch.Tensor     # sigmoid scores (uncorrected), float32, for balancing losses and statistics
 
 
-class Routing(dict):
-    """A `routing` dict ({layer_idx: RouterOutput} of one forward) that may also force the choice of experts:
-    replay {layer_idx: ids_TK} (router replay; layers not in it route as usual)."""
+class Routing(UserDict):
+    """A `routing` mapping ({layer_idx: RouterOutput} of one forward) that may also force the choice of experts:
+    replay {layer_idx: ids_TK} (router replay; layers not in it route as usual). A UserDict, not a dict: FSDP2
+    rebuilds the dicts among a unit's inputs (pytree), so the layers after the first would record into copies;
+    pytree passes a UserDict through as one leaf."""
 
     def __init__(self, replay: dict[int, torch.Tensor] | None = None):
         super().__init__()

@@ -272,7 +272,7 @@ class NemotronForCausalLM(nn.Module):
             lo, hi = pos.aminmax()
             span = (int(lo), int(hi))                                               # one host sync per forward
 
-        routing = {} if return_router else None    # MoE layer index -> RouterOutput (MTP layers: index >= n)
+        routing = Routing() if return_router else None    # MoE layer index -> RouterOutput (MTP: index >= n)
         if routed_experts is not None:
             routing = Routing(self._replay(local(routed_experts), b, local(input_ids).shape[1]))
         mamba_states = {} if keep_mamba_states else None
@@ -299,7 +299,7 @@ class NemotronForCausalLM(nn.Module):
                     loss_k, acc_k = head_loss(hk, k + 1)
                     out.mtp_losses.append(loss_k)
                     out.mtp_accuracies.append(acc_k)
-        out.router = (routing or {}) if return_router else {}
+        out.router = dict(routing or {}) if return_router else {}
         return out
 
     def _replay(self, routed_experts: torch.Tensor, b: int, L: int) -> dict[int, torch.Tensor]:
