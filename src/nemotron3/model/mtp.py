@@ -53,13 +53,14 @@ class MultiTokenPrediction(nn.Module):
         return layers[-1].final_layernorm(u)
 
     def step_static(self, depth: int, h_prev: torch.Tensor, e_next: torch.Tensor, states: dict, pos: torch.Tensor,
-                    mamba_states: dict | None = None) -> torch.Tensor:
+                    mamba_states: dict | None = None, compiled: bool = True) -> torch.Tensor:
         """step() for a few tokens per row at positions pos (b,) with static shapes (Block.step), for
-        torch.compile; states maps a layer index to its HybridCache.layer_state."""
+        torch.compile; states maps a layer index to its HybridCache.layer_state. compiled: whether it runs inside
+        torch.compile (False: an eager draft), which picks the MoE schedule."""
         layers = self.block_layers(depth)
         u = self._project(layers[0], h_prev, e_next)
         for layer in layers:
-            u = layer.step(u, states[layer.layer_idx], pos, mamba_states)
+            u = layer.step(u, states[layer.layer_idx], pos, mamba_states, compiled)
         return layers[-1].final_layernorm(u)
 
     @staticmethod

@@ -13,6 +13,7 @@ the package's __init__ so that this file imports nothing from infer/).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from .latent_moe import build_moe
 from .loss import fused_linear_cross_entropy
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
-from .moe import Experts, RouterOutput, Routing, TopKRouter
+from .moe import Experts, RouterOutput, Routing, TopKRouter, decode_schedule
 from .mtp import MultiTokenPrediction
 from .norm import RMSNorm
 
@@ -109,16 +110,22 @@ class Block(nn.Module):
         elif self.kind == "full_attention":
             x = self.mixer(x, mask, cache.layer_state(self.layer_idx) if cache is not None else None, pos, span,
                            seq_idx)
-        elif self.kind == "moe":
-            x = self.mixer(x, routing)
+        elif self.kind == "moe":      # a cached call is inference: the MoE schedule follows from the token count
+            x = self.mixer(x, routing, "sorted" if cache is None else self.moe_schedule(x, compiled=False))
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
         return residual + x
 
-    def step(self, h, state: tuple, pos: torch.Tensor, mamba_states: dict | None = None):
+    def moe_schedule(self, x, compiled: bool) -> str:
+        """The routed experts' schedule for an inference call on x (b, L, d) (moe.decode_schedule)."""
+        gate = self.mixer.gate
+        return decode_schedule(x.shape[0] * x.shape[1], gate.top_k, gate.num_experts, x.device.type, compiled)
+
+    def step(self, h, state: tuple, pos: torch.Tensor, mamba_states: dict | None = None, compiled: bool = True):
         """L tokens per row at positions pos (b,), tensors only, static shapes (what compile_decode compiles).
-        state is this layer's HybridCache.layer_state: (conv, ssm) for Mamba, (k, v, valid) for attention, ()."""
+        state is this layer's HybridCache.layer_state: (conv, ssm) for Mamba, (k, v, valid) for attention, ().
+        compiled: whether the call runs inside torch.compile (False: an eager draft), for the MoE schedule."""
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "linear_attention":
             if mamba_states is not None:
@@ -127,6 +134,8 @@ class Block(nn.Module):
                 x = self.mixer(x, None, *state)
         elif self.kind == "full_attention":
             x = self.mixer.step_static(x, *state, pos)
+        elif self.kind == "moe":
+            x = self.mixer(x, None, self.moe_schedule(x, compiled))
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
@@ -370,7 +379,8 @@ class NemotronForCausalLM(nn.Module):
             self._compiled_decode = torch.compile(self.decode_step, dynamic=False)
             if self.mtp is not None:
                 self._compiled_mtp = torch.compile(self.mtp_decode_step, dynamic=False)
-                self._compiled_draft = torch.compile(self.mtp_draft_step, dynamic=False)
+                self._compiled_draft = torch.compile(functools.partial(self.mtp_draft_step, compiled=True),
+                                                 dynamic=False)
         return self
 
     @property
@@ -419,7 +429,8 @@ class NemotronForCausalLM(nn.Module):
         use_compiled = self._compiled_draft is not None and cache.valid is None
         return (self._compiled_draft if use_compiled else self.mtp_draft_step)(h, pos, states, K)
 
-    def mtp_draft_step(self, h: torch.Tensor, pos: torch.Tensor, states: dict, K: int) -> torch.Tensor:
+    def mtp_draft_step(self, h: torch.Tensor, pos: torch.Tensor, states: dict, K: int, compiled: bool = False
+                       ) -> torch.Tensor:
         """mtp_draft's static-shape body (what compile_decode compiles): LM head, argmax and the MTP steps of all
         K drafts in one graph, so a round pays one call instead of 2K - 1:
             d_1 = argmax lm_head(h^1);   h^j = MTP_j(h^{j-1}, d_{j-1}) at pos + j - 2,   d_j = argmax lm_head(h^j)
@@ -428,7 +439,8 @@ class NemotronForCausalLM(nn.Module):
         states = {i: tuple(t.clone() for t in s) if len(s) == 2 else s for i, s in states.items()}   # Mamba: copies
         drafts = [self.lm_head(h[:, -1]).float().argmax(-1)]                                      # (b,)
         for j in range(2, K + 1):
-            h = self.mtp.step_static(j, h, self.backbone.embeddings(drafts[-1][:, None]), states, pos + (j - 2))
+            h = self.mtp.step_static(j, h, self.backbone.embeddings(drafts[-1][:, None]), states, pos + (j - 2),
+                                     compiled=compiled)
             drafts.append(self.lm_head(h[:, -1]).float().argmax(-1))
         return torch.stack(drafts, 1)                                                             # (b, K)
 
