@@ -13,6 +13,10 @@ of the 2 cores and 4 ranks oversubscribe them: the tokens/s column mixes the sca
 Measured (2 shared cores, small preset, 2 x 256 tokens per rank): 307 / 341 / 387 / 548 tokens/s at dp1xep1,
 dp2xep1, dp1xep2, dp2xep2 (+-10% between runs); peak 321 / 278 / 284 / 252 MiB per rank; 4,138 bytes per token per MoE layer for MoE
 against 1,015 for LatentMoE (4.08x = d/l; expected 4,096 and 1,024).
+Context parallelism (--cp-only runs just these rows, ~2 min): one row of 4096 tokens per data-parallel rank, split
+over the cp ranks. Measured (2 shared cores, a background benchmark on them too, so ratios only): 448 / 847 / 684
+tokens/s at dp1xcp1, dp2xcp1, dp1xcp2 (cp 2: 1.53x one rank); peak 1,144 / 1,100 / 615 MiB per rank (cp 2: 0.54x,
+the saved activations halve; FSDP2 sharding alone, dp 2, barely moves it at this length).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]       # (dp, ep); world = dp * ep
+CP_LAYOUTS = [(1, 1), (2, 1), (1, 2)]            # (dp, cp) for the long rows; world = dp * cp
 
 
 def resident_bytes(field: str) -> int:
@@ -50,13 +55,15 @@ def worker(spec: dict) -> None:
     rank, world = distributed()
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])         # library imports, before the baseline
     before = resident_bytes("VmRSS")
-    cfg = TrainConfig(preset="small", seq_len=spec["seq_len"], batch_size=spec["batch_size"], ep=spec["ep"],
+    cp = spec.get("cp", 1)
+    cfg = TrainConfig(preset="small", seq_len=spec["seq_len"], batch_size=spec["batch_size"], ep=spec["ep"], cp=cp,
                       train_tokens=spec["steps"] * spec["batch_size"] * world * (spec["seq_len"] + 1) + 5000,
                       out=spec["out"], max_steps=spec["steps"])
     model_config = from_preset("small", moe_latent_size=spec["latent"] or None)
     model, tokenizer = build_model(cfg, model_config)
     train_w, _ = build_data(cfg, tokenizer)
-    batches = WindowBatches(train_w, ResumableSampler(len(train_w), cfg.batch_size, 0, rank, world), cfg.batch_size)
+    batches = WindowBatches(train_w, ResumableSampler(len(train_w), cfg.batch_size, 0, rank // cp, world // cp),
+                            cfg.batch_size)                         # the cp ranks of a group share their rows
     trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log=lambda *_: None)
     times = []
     for _ in range(spec["steps"]):
@@ -71,7 +78,7 @@ def worker(spec: dict) -> None:
         dist.all_gather(gathered, local)
     if rank == 0:
         step = sorted(times[1:])[len(times[1:]) // 2]                  # median after the first (warm-up) step
-        tokens = cfg.seq_len * cfg.batch_size * world
+        tokens = (cfg.seq_len + 1) * cfg.batch_size * world // cp
         L = model_config.expert_input_size
         n_moe = len(trainer.moe_layers)
         with open(os.path.join(spec["out"], "result.json"), "w") as f:
@@ -101,6 +108,8 @@ def main():
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2, help="sequences per rank per step")
+    p.add_argument("--cp-only", action="store_true", help="only the context-parallel rows (long sequences)")
+    p.add_argument("--cp-seq-len", type=int, default=4095, help="context-parallel rows: --seq-len (rows of +1)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -109,9 +118,9 @@ def main():
 
     from nemotron3.config import from_preset
     d = from_preset("small").hidden_size
-    rows = []
+    rows, cp_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("MoE", dp, ep, 0) for dp, ep in LAYOUTS] + [("LatentMoE", 1, 2, d // 4)]
+        runs = [] if args.cp_only else [("MoE", dp, ep, 0) for dp, ep in LAYOUTS] + [("LatentMoE", 1, 2, d // 4)]
         for i, (kind, dp, ep, latent) in enumerate(runs):
             spec = dict(out=os.path.join(tmp, str(i)), steps=args.steps, seq_len=args.seq_len,
                         batch_size=args.batch_size, ep=ep, latent=latent)
@@ -120,7 +129,20 @@ def main():
             rows.append(dict(moe=kind, world=dp * ep, dp=dp, ep=ep, tokens_per_s=r["tokens_per_s"],
                              peak_mib=max(r["peak_mib_per_rank"]), a2a_bytes_per_token=r["a2a_bytes_per_token_layer"]))
             print(f"{kind} dp {dp} x ep {ep}: {r['tokens_per_s']:.0f} tok/s", flush=True)
-    print_table(rows, ["moe", "world", "dp", "ep", "tokens_per_s", "peak_mib", "a2a_bytes_per_token"])
+        for dp, cp in CP_LAYOUTS:          # one long row per data-parallel rank, split over the cp ranks
+            spec = dict(out=os.path.join(tmp, f"cp{dp}x{cp}"), steps=3, seq_len=args.cp_seq_len, batch_size=1,
+                        ep=1, cp=cp, latent=0)
+            os.makedirs(spec["out"])
+            r = launch(dp * cp, spec)
+            cp_rows.append(dict(world=dp * cp, dp=dp, cp=cp, row_tokens=args.cp_seq_len + 1,
+                                tokens_per_s=r["tokens_per_s"], peak_mib=max(r["peak_mib_per_rank"])))
+            print(f"dp {dp} x cp {cp}: {r['tokens_per_s']:.0f} tok/s", flush=True)
+    if rows:
+        print_table(rows, ["moe", "world", "dp", "ep", "tokens_per_s", "peak_mib", "a2a_bytes_per_token"])
+    print_table(cp_rows, ["world", "dp", "cp", "row_tokens", "tokens_per_s", "peak_mib"])
+    if args.cp_only:
+        print(f"json: {save('scale_out_cp', {'cp_rows': cp_rows, 'args': vars(args)})}")
+        return
     fig, ax = new_figure(3, size=(13, 4))
     moe = [r for r in rows if r["moe"] == "MoE"]
     labels = [f"dp{r['dp']}xep{r['ep']}" for r in moe]
@@ -131,7 +153,7 @@ def main():
     ep2 = [r for r in rows if r["ep"] == 2 and r["dp"] == 1]
     ax[2].bar([r["moe"] for r in ep2], [r["a2a_bytes_per_token"] for r in ep2])
     ax[2].set_title("all-to-all bytes per token per MoE layer (ep=2)")
-    print(f"json: {save('scale_out', {'rows': rows, 'args': vars(args)})}   png: {save_figure(fig, 'scale_out')}")
+    print(f"json: {save('scale_out', {'rows': rows, 'cp_rows': cp_rows, 'args': vars(args)})}   png: {save_figure(fig, 'scale_out')}")
 
 
 if __name__ == "__main__":

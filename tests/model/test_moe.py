@@ -59,7 +59,7 @@ def test_routed_experts_match_per_token_reference(T, schedule):
     routing = [{int(e): float(v) for e, v in zip(ids[t], w[t])} for t in range(T)]
     fn = torch.compile(routed_experts, dynamic=False) if "compile" in schedule else routed_experts
     with torch.no_grad():
-        y = fn(x, ids, w, up, down)
+        y = fn(x, ids, w, up, down, decode_schedule(T, K, E, "cpu", compiled="compile" in schedule))
     torch.testing.assert_close(y.double(), experts_ref(x, routing, up, down), rtol=1e-5, atol=1e-4)
 
 

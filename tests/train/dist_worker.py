@@ -58,8 +58,9 @@ def run(cfg: TrainConfig, memory_steps: int = 0, load_only: bool = False) -> Non
         with open(os.path.join(cfg.out, f"memory_rank{rank}.json"), "w") as f:
             json.dump({"peak": resident_bytes("VmHWM") - before}, f)
         return
-    held_out = WindowBatches(eval_w, None, cfg.batch_size).in_order(cfg.eval_batches)
-    trainer.train(WindowBatches(train_w, sampler, cfg.batch_size), lambda: held_out)
+    eos = tokenizer.eos_token_id if cfg.no_cross_document else None       # packed rows, as pretrain.train
+    held_out = WindowBatches(eval_w, None, cfg.batch_size, eos).in_order(cfg.eval_batches)
+    trainer.train(WindowBatches(train_w, sampler, cfg.batch_size, eos), lambda: held_out)
     rows = {m.layer_idx: getattr(m.experts, "rows_sent", 0) for m in trainer.moe_layers}
     with open(os.path.join(cfg.out, f"traffic_rank{rank}.json"), "w") as f:
         json.dump(rows, f)

@@ -1,6 +1,6 @@
-"""Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), dp=2 x ep=2 and dp=2 x tp=2
-(tensor parallel) on 4 processes, replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL
-mid-run (asynchronous saves, --async-save) resumed on another world size and (dp, ep) layout, the export of a
+"""Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), context parallelism (cp=2,
+packed rows, Mamba B/C split by group and all-gathered), dp=2 x ep=2 and dp=2 x tp=2 (tensor parallel) on 4
+processes, replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL mid-run (asynchronous saves, --async-save) resumed on another world size and (dp, ep) layout, the export of a
 sharded checkpoint, the memory planner on an expert-parallel run, and a Hugging Face-layout model (--model DIR) and
 an unsharded run's checkpoint (--resume) read shard by shard into tp 2 and dp 2 x ep 2 models. Oracle: one process
 training the same global batch (4 sequences per step) with the tiny preset, which has MTP (2 depths), LatentMoE, the
@@ -27,9 +27,11 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from nemotron3 import NemotronForCausalLM
+from nemotron3 import NemotronForCausalLM, from_preset
+from nemotron3.tokenizer import ByteTokenizer
 from nemotron3.train.checkpointing import export_checkpoint
-from nemotron3.train.pretrain import TrainConfig, train
+from nemotron3.train.data import document_position_ids
+from nemotron3.train.pretrain import TrainConfig, build_data, train
 from tests.hf_utils import load_in_hf
 from tests.train.test_plan import MEMORY_RUN, planned_peak
 
@@ -148,3 +150,22 @@ def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_ex
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(load_in_hf(hf_dir)(ids).logits.float(), ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_context_parallel_runs_train_the_one_process_model_with_packed_rows(tmp_path):
+    """cp 2 on 2 ranks: each rank holds half of every (packed) row; n_groups=1 (B and C all-gathered, since 1 % 2
+    != 0) as well as the tiny preset's n_groups=2 (B and C split by group)."""
+    one_group = str(tmp_path / "one_group_model")
+    torch.manual_seed(0)
+    NemotronForCausalLM(from_preset("tiny", n_groups=1)).save_pretrained(one_group)
+    packed = dict(seq_len=31, no_cross_document=True)        # rows of seq_len + 1 = 32 tokens, split 16 + 16
+    oracle = one_process(tmp_path / "one", **packed)
+    oracle_g1 = one_process(tmp_path / "one_g1", model=one_group, **packed)
+    cp2, cp2_g1 = str(tmp_path / "cp2"), str(tmp_path / "cp2_g1")
+    torchrun(2, [dict(COMMON, out=cp2, batch_size=4, cp=2, **packed),
+                 dict(COMMON, out=cp2_g1, batch_size=4, cp=2, model=one_group, **packed)])
+    windows, _ = build_data(TrainConfig(out=str(tmp_path), **(COMMON | packed)), ByteTokenizer())
+    ids = torch.stack([windows[i] for i in range(len(windows))])
+    assert (document_position_ids(ids, ByteTokenizer().eos_token_id)[:, 1:] == 0).any()    # rows are packed
+    assert_same_run(cp2, oracle)
+    assert_same_run(cp2_g1, oracle_g1)

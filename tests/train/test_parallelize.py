@@ -9,6 +9,7 @@ import torch
 
 from nemotron3 import NemotronForCausalLM, from_preset
 from nemotron3.__main__ import main
+from nemotron3.train.context_parallel import sequence_slice
 from nemotron3.train.lm_loss import LMLoss
 from nemotron3.train.parallelize import clip_grad_norm_, parallelize
 from nemotron3.train.trainer import Trainer, TrainerConfig
@@ -59,6 +60,18 @@ def test_bad_layouts_are_rejected_with_the_fix(capsys):
         parallelize(model, world=4, ep=2, tp=2)
     with pytest.raises(ValueError, match="--tp 2 needs torchrun"):
         parallelize(model, world=2, tp=2, fsdp=False)
+    with pytest.raises(ValueError, match="--cp 2 does not divide the 3 ranks; use a cp that divides"):
+        parallelize(model, world=3, cp=2)
+    with pytest.raises(ValueError, match="--cp 3 does not divide num_key_value_heads=2 .*use a cp that divides it"):
+        parallelize(model, world=3, cp=3)
+    with pytest.raises(ValueError, match="--tp and --cp together are not supported"):
+        parallelize(model, world=4, tp=2, cp=2)
+    with pytest.raises(ValueError, match="--cp 2 needs torchrun"):
+        parallelize(model, world=2, cp=2, fsdp=False)
+    with pytest.raises(ValueError, match="--cp 2 does not divide the rows' length 33 .*--seq-len 33"):
+        sequence_slice(torch.zeros(1, 33), 0, 2)
+    assert main(["train", "--preset", "tiny", "--cp", "2", "--max-steps", "1"]) == 2     # one process
+    assert "--cp 2 does not divide the 1 ranks" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", "--ep", "0", "--max-steps", "1"]) == 2
     assert "--ep 0 must be >= 1" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", "--tp", "0", "--max-steps", "1"]) == 2

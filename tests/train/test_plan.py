@@ -46,7 +46,11 @@ def test_expert_parallelism_divides_expert_memory_and_layout_errors_name_the_fix
                   for ep in (1, 8))
     assert eight["parameters"] == pytest.approx(one["parameters"])      # same sharding degree (64) for every part
     assert eight["all_to_all"] > 0 == one["all_to_all"]
-    with pytest.raises(ValueError, match="dp \\* ep \\* tp"):
+    long, halves = (plan(PlanConfig(preset="nano-30b-a3b", gpus=8 * cp, dp=8, ep=1, cp=cp, seq_len=65536))
+                    for cp in (1, 2))
+    assert halves["activations"] < 0.51 * long["activations"]         # each cp rank saves half of every row
+    assert halves["parameters"] == pytest.approx(long["parameters"] / 2)   # FSDP2 shards over dp x cp
+    with pytest.raises(ValueError, match="dp \\* ep \\* tp \\* cp"):
         PlanConfig(gpus=64, dp=8, ep=4).validate()
     with pytest.raises(ValueError, match="does not divide"):
         plan(PlanConfig(preset="nano-30b-a3b", gpus=6, dp=2, ep=3, seq_len=128))

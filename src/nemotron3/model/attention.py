@@ -129,6 +129,16 @@ class Attention(nn.Module):
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
 
+    def causal(self, q, k, v, seq_idx=None) -> torch.Tensor:
+        """Causal attention of whole cache-less rows, block-diagonal per packed sequence when seq_idx (b, L) is
+        given (one causal SDPA per sequence). q (b, nH, L, hd); k, v (b, nKV, L, hd) -> (b, nH, L, hd). Context
+        parallelism (train/context_parallel.py) calls it with one rank's heads of the whole sequence."""
+        dropout = self.dropout if self.training else 0.0
+        if seq_idx is not None:
+            return packed_causal_attention(q, k, v, seq_idx, dropout)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, dropout_p=dropout,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+
     def forward(self, x, mask=None, kv=None, pos: torch.Tensor | None = None, span: tuple[int, int] | None = None,
                 seq_idx=None):
         """x: (b, L, d). mask: (b, L) key padding (0 = pad) of the new tokens, or None. kv: (k_cache, v_cache,
@@ -138,10 +148,8 @@ class Attention(nn.Module):
         b, L, _ = x.shape
         q, k, v = self._qkv(x)
         if kv is None:
-            if mask is None and seq_idx is None:
-                return self._out(q, k, v, is_causal=L > 1)
-            if mask is None:                                   # packed rows: one causal SDPA per sequence
-                out = packed_causal_attention(q, k, v, seq_idx, self.dropout if self.training else 0.0)
+            if mask is None:
+                out = self.causal(q, k, v, seq_idx)
                 return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
             keep = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None]            # (1, L, L) causal
             if seq_idx is not None:      # block-diagonal: query t sees key s only within its own packed sequence

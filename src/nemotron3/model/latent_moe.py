@@ -22,7 +22,7 @@ class LatentMoE(MoE):
         self.fc1_latent_proj = nn.Linear(config.hidden_size, config.moe_latent_size, bias=config.mlp_bias)
         self.fc2_latent_proj = nn.Linear(config.moe_latent_size, config.hidden_size, bias=config.mlp_bias)
 
-    def route_and_run(self, x_TD: torch.Tensor, routing: dict | None = None, schedule: str | None = None):
+    def route_and_run(self, x_TD: torch.Tensor, routing: dict | None = None, schedule: str = "sorted"):
         r = self.route(x_TD, routing)                         # routing logits from the full width d
         z_TL = self.fc1_latent_proj(x_TD)                     # (T, l)
         return self.fc2_latent_proj(self.experts(z_TL, r.ids_TK, r.weights_TK, schedule))

@@ -278,8 +278,9 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.n_groups, eps=config.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.use_bias)
 
-    def _dt(self, dt_raw, sdt):
-        dt = F.softplus(dt_raw + self.dt_bias).to(sdt)
+    def _dt(self, dt_raw, sdt, dt_bias=None):
+        """dt = clamp(softplus(dt_raw + dt_bias)); dt_bias: some heads' biases (context parallelism), else all."""
+        dt = F.softplus(dt_raw + (self.dt_bias if dt_bias is None else dt_bias)).to(sdt)
         lo, hi = self.time_step_limit
         return dt if (lo, hi) == (0.0, math.inf) else dt.clamp(lo, hi)      # softplus > 0 already
 

@@ -27,6 +27,7 @@ CPU backward also fails in torch 2.13.
 
 from __future__ import annotations
 
+from collections import UserDict
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,11 @@ class RouterOutput:
     scores_TE: torch.Tensor     # sigmoid scores (uncorrected), float32, for balancing losses and statistics
 
 
-class Routing(dict):
-    """A `routing` dict ({layer_idx: RouterOutput} of one forward) that may also force the choice of experts:
-    replay {layer_idx: ids_TK} (router replay; layers not in it route as usual)."""
+class Routing(UserDict):
+    """A `routing` mapping ({layer_idx: RouterOutput} of one forward) that may also force the choice of experts:
+    replay {layer_idx: ids_TK} (router replay; layers not in it route as usual). A UserDict, not a dict: FSDP2
+    rebuilds the dicts among a unit's inputs (pytree), so the layers after the first would record into copies;
+    pytree passes a UserDict through as one leaf."""
 
     def __init__(self, replay: dict[int, torch.Tensor] | None = None):
         super().__init__()
@@ -95,8 +98,8 @@ class Experts(nn.Module):
         self.linear = F.linear     # per-expert GEMM; quantized training swaps it from outside (quant/recipe.py)
 
     def forward(self, x_TL: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                schedule: str | None = None) -> torch.Tensor:
-        """schedule: one of SCHEDULES, chosen by the caller (see routed_experts); None: the caller does not say."""
+                schedule: str = "sorted") -> torch.Tensor:
+        """schedule: one of SCHEDULES, chosen by the caller (see routed_experts)."""
         if self.linear is not F.linear:
             return _sorted_experts(x_TL, ids_TK, weights_TK, self.up_proj, self.down_proj, self.linear)
         return routed_experts(x_TL, ids_TK, weights_TK, self.up_proj, self.down_proj, schedule)
@@ -121,16 +124,12 @@ def decode_schedule(T: int, K: int, num_experts: int, device_type: str, compiled
     return "sorted"
 
 
-def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM, schedule: str | None = None):
+def routed_experts(x_TL, ids_TK, weights_TK, up_EML, down_ELM, schedule: str = "sorted"):
     """sum_k w_k * down[id_k](relu(up[id_k] x)^2), computing each expert once on all of its tokens, by one of three
     schedules of the same sum (SCHEDULES). The caller picks it: training and expert parallelism "sorted" (the only
-    one with cheap gradients), an inference path decode_schedule(...). None (a caller that does not say) infers it
-    from the call: decode_schedule when no gradient is needed, else sorted."""
+    one with cheap gradients), an inference path decode_schedule(...) (Block does: sorted without a cache,
+    decode_schedule with one); nothing is inferred from grad mode or compilation state."""
     T, K = ids_TK.shape
-    if schedule is None:
-        inference = not (torch.is_grad_enabled() and weights_TK.requires_grad)
-        schedule = decode_schedule(T, K, up_EML.shape[0], x_TL.device.type, torch.compiler.is_compiling()) \
-            if inference else "sorted"
     if schedule == "one_token":
         if T != 1:
             raise ValueError(f"schedule one_token is for a single token; got {T} tokens (use sorted or gathered).")
@@ -203,14 +202,15 @@ class MoE(nn.Module):
                 self.tokens_per_expert += torch.bincount(r.ids_TK.reshape(-1), minlength=self.gate.num_experts)
         return r
 
-    def route_and_run(self, x_TD: torch.Tensor, routing: dict | None = None, schedule: str | None = None):
+    def route_and_run(self, x_TD: torch.Tensor, routing: dict | None = None, schedule: str = "sorted"):
         """Routed part only: (T, d) -> (T, d)."""
         r = self.route(x_TD, routing)
         return self.experts(x_TD, r.ids_TK, r.weights_TK, schedule)
 
-    def forward(self, x: torch.Tensor, routing: dict | None = None, schedule: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: dict | None = None, schedule: str = "sorted") -> torch.Tensor:
         """x (..., d). routing: a dict that receives {layer_idx: RouterOutput} of this call, or None. schedule: the
-        routed experts' schedule (routed_experts), or None to let the call decide."""
+        routed experts' schedule (routed_experts, SCHEDULES): sorted for training, decode_schedule(...) for
+        inference."""
         x_TD = x.reshape(-1, x.shape[-1])
         out = self.route_and_run(x_TD, routing, schedule) + self.shared_experts(x_TD)
         return out.view_as(x)

@@ -53,13 +53,14 @@ class MultiTokenPrediction(nn.Module):
         return layers[-1].final_layernorm(u)
 
     def step_static(self, depth: int, h_prev: torch.Tensor, e_next: torch.Tensor, states: dict, pos: torch.Tensor,
-                    mamba_states: dict | None = None) -> torch.Tensor:
+                    mamba_states: dict | None = None, compiled: bool = True) -> torch.Tensor:
         """step() for a few tokens per row at positions pos (b,) with static shapes (Block.step), for
-        torch.compile; states maps a layer index to its HybridCache.layer_state."""
+        torch.compile; states maps a layer index to its HybridCache.layer_state. compiled: whether it runs inside
+        torch.compile (False: an eager draft), which picks the MoE schedule."""
         layers = self.block_layers(depth)
         u = self._project(layers[0], h_prev, e_next)
         for layer in layers:
-            u = layer.step(u, states[layer.layer_idx], pos, mamba_states)
+            u = layer.step(u, states[layer.layer_idx], pos, mamba_states, compiled)
         return layers[-1].final_layernorm(u)
 
     @staticmethod
@@ -68,15 +69,19 @@ class MultiTokenPrediction(nn.Module):
         return first.eh_proj(torch.cat([first.enorm(e_next), first.hnorm(h_prev)], dim=-1))
 
     def forward(self, h_main: torch.Tensor, input_ids: torch.Tensor, embed: nn.Embedding, depths: int, mask=None,
-                seq_idx=None, routing=None):
+                seq_idx=None, routing=None, seq_shard=None):
         """Hidden states of depths 1..depths over a whole sequence (training / teacher forcing). seq_idx (b, L):
-        packed-sequence numbers, or None. routing: a dict receiving the MoE layers' RouterOutputs, or None."""
+        packed-sequence numbers, or None. routing: a dict receiving the MoE layers' RouterOutputs, or None.
+        seq_shard (context parallelism): h_main holds this rank's slice of the sequence, input_ids and seq_idx the
+        whole rows; the tokens t+k are looked up on the whole row, then sliced."""
         outs, h = [], h_main
         for k in range(1, depths + 1):
             ids_k = torch.roll(input_ids, shifts=-k, dims=1)
             ids_k[:, -k:] = 0                                                     # no token t+k past the end
             if seq_idx is not None:                                               # nor in the next packed sequence
                 ids_k = ids_k.masked_fill(torch.roll(seq_idx, shifts=-k, dims=1) != seq_idx, 0)
+            if seq_shard is not None:
+                ids_k = seq_shard(ids_k)
             h = self.step(k, h, embed(ids_k), mask, seq_idx=seq_idx, routing=routing)
             outs.append(h)
         return outs

@@ -13,6 +13,7 @@ the package's __init__ so that this file imports nothing from infer/).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from .latent_moe import build_moe
 from .loss import fused_linear_cross_entropy
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
-from .moe import Experts, RouterOutput, Routing, TopKRouter
+from .moe import Experts, RouterOutput, Routing, TopKRouter, decode_schedule
 from .mtp import MultiTokenPrediction
 from .norm import RMSNorm
 
@@ -109,16 +110,22 @@ class Block(nn.Module):
         elif self.kind == "full_attention":
             x = self.mixer(x, mask, cache.layer_state(self.layer_idx) if cache is not None else None, pos, span,
                            seq_idx)
-        elif self.kind == "moe":
-            x = self.mixer(x, routing)
+        elif self.kind == "moe":      # a cached call is inference: the MoE schedule follows from the token count
+            x = self.mixer(x, routing, "sorted" if cache is None else self.moe_schedule(x, compiled=False))
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
         return residual + x
 
-    def step(self, h, state: tuple, pos: torch.Tensor, mamba_states: dict | None = None):
+    def moe_schedule(self, x, compiled: bool) -> str:
+        """The routed experts' schedule for an inference call on x (b, L, d) (moe.decode_schedule)."""
+        gate = self.mixer.gate
+        return decode_schedule(x.shape[0] * x.shape[1], gate.top_k, gate.num_experts, x.device.type, compiled)
+
+    def step(self, h, state: tuple, pos: torch.Tensor, mamba_states: dict | None = None, compiled: bool = True):
         """L tokens per row at positions pos (b,), tensors only, static shapes (what compile_decode compiles).
-        state is this layer's HybridCache.layer_state: (conv, ssm) for Mamba, (k, v, valid) for attention, ()."""
+        state is this layer's HybridCache.layer_state: (conv, ssm) for Mamba, (k, v, valid) for attention, ().
+        compiled: whether the call runs inside torch.compile (False: an eager draft), for the MoE schedule."""
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "linear_attention":
             if mamba_states is not None:
@@ -127,6 +134,8 @@ class Block(nn.Module):
                 x = self.mixer(x, None, *state)
         elif self.kind == "full_attention":
             x = self.mixer.step_static(x, *state, pos)
+        elif self.kind == "moe":
+            x = self.mixer(x, None, self.moe_schedule(x, compiled))
         else:
             x = self.mixer(x)
         residual = h.float() if self.residual_in_fp32 else h
@@ -208,7 +217,7 @@ class NemotronForCausalLM(nn.Module):
                 labels: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
                 loss_reduction: str = "mean", logits_to_keep: int = 0, mtp_depths: int = 0,
                 return_router: bool = False, keep_mamba_states: bool = False,
-                routed_experts: torch.Tensor | None = None) -> NemotronOutput:
+                routed_experts: torch.Tensor | None = None, seq_shard=None) -> NemotronOutput:
         """input_ids (b, L). attention_mask (b, L), or (b, cached + L) as HF generate passes it; 1 = token,
         0 = left padding. With `cache`, row r's tokens continue its cached sequence at position cache.pos[r] and the
         cache is advanced. logits_to_keep=n computes logits for the last n positions only (0 = all). mtp_depths=D
@@ -227,7 +236,12 @@ class NemotronForCausalLM(nn.Module):
         speculative verifier can keep any prefix (HybridCache.keep_prefix).
         routed_experts (b, L, MoE layers, K) integer (router replay, RL): the experts each position is sent to in the
         main model's MoE layers (in layer order, as the engine's Result.routed_experts records them) instead of the
-        routers' own top-K choice; the combine weights still come from the router scores of those experts."""
+        routers' own top-K choice; the combine weights still come from the router scores of those experts.
+        seq_shard (context parallelism, installed from outside by train/context_parallel.py): a function taking a
+        whole-row (b, L, ...) tensor to this rank's slice of the sequence. Row-level facts (the packed-sequence
+        index, the shifted targets, MTP's next tokens) come from the whole rows; the layers, logits and losses cover
+        the slice (the attention and Mamba mixers, wrapped from outside, reach the whole sequence by all-to-all and
+        are given seq_idx whole). Cache-less and unpadded only."""
         b, L = self._check_inputs(input_ids, cache)
         mask = self._new_token_mask(attention_mask, b, L)
         if labels is not None and labels.shape != input_ids.shape:
@@ -249,6 +263,10 @@ class NemotronForCausalLM(nn.Module):
                 raise ValueError(f"position_ids must be an integer tensor shaped like input_ids "
                                  f"{tuple(input_ids.shape)}; got {position_ids.dtype} {tuple(position_ids.shape)}.")
             seq_idx = packed_sequence_index(position_ids)
+        if seq_shard is not None and (cache is not None or mask is not None):
+            raise ValueError("context parallelism runs cache-less forwards without padding; mark padding with "
+                             "labels -100 or pack the rows (position_ids) instead of an attention_mask.")
+        local = seq_shard or (lambda t: t)                       # whole row -> this rank's slice (or itself)
         pos = span = None
         if cache is not None:
             pos = cache.reserve(L, mask)
@@ -263,25 +281,26 @@ class NemotronForCausalLM(nn.Module):
             lo, hi = pos.aminmax()
             span = (int(lo), int(hi))                                               # one host sync per forward
 
-        routing = {} if return_router else None    # MoE layer index -> RouterOutput (MTP layers: index >= n)
+        routing = Routing() if return_router else None    # MoE layer index -> RouterOutput (MTP: index >= n)
         if routed_experts is not None:
-            routing = Routing(self._replay(routed_experts, b, L))
+            routing = Routing(self._replay(local(routed_experts), b, local(input_ids).shape[1]))
         mamba_states = {} if keep_mamba_states else None
-        h = self.backbone(input_ids, mask, cache, pos, span, mamba_states, seq_idx, routing)
+        h = self.backbone(local(input_ids), mask, cache, pos, span, mamba_states, seq_idx, routing)
         if cache is not None:
             cache.advance(L)
         out = NemotronOutput(logits=None, hidden_states=h, mamba_states=mamba_states or {})
         if labels is not None:
             def head_loss(hk, shift):                  # the LM head's loss against the labels `shift` ahead
                 w = None if loss_weights is None else F.pad(loss_weights[:, shift:], (0, min(shift, L)))
-                return fused_linear_cross_entropy(hk, self.lm_head.weight, shifted_targets(labels, mask, shift,
-                                                  seq_idx), weights=w, reduction=loss_reduction)
+                return fused_linear_cross_entropy(hk, self.lm_head.weight, local(shifted_targets(labels, mask, shift,
+                                                  seq_idx)), weights=w if w is None else local(w),
+                                                  reduction=loss_reduction)
             out.loss, out.accuracy = head_loss(h, 1)
         if labels is None or logits_to_keep:
             out.logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
         if mtp_depths:
             out.mtp_hidden_states = self.mtp(h, input_ids, self.backbone.embeddings, mtp_depths, mask, seq_idx,
-                                             routing)
+                                             routing, seq_shard)
             if labels is None:
                 out.mtp_logits = [self.lm_head(hk).float() for hk in out.mtp_hidden_states]
             else:   # depth k at position t predicts token t+k+1
@@ -289,7 +308,7 @@ class NemotronForCausalLM(nn.Module):
                     loss_k, acc_k = head_loss(hk, k + 1)
                     out.mtp_losses.append(loss_k)
                     out.mtp_accuracies.append(acc_k)
-        out.router = (routing or {}) if return_router else {}
+        out.router = dict(routing or {}) if return_router else {}
         return out
 
     def _replay(self, routed_experts: torch.Tensor, b: int, L: int) -> dict[int, torch.Tensor]:
@@ -360,7 +379,8 @@ class NemotronForCausalLM(nn.Module):
             self._compiled_decode = torch.compile(self.decode_step, dynamic=False)
             if self.mtp is not None:
                 self._compiled_mtp = torch.compile(self.mtp_decode_step, dynamic=False)
-                self._compiled_draft = torch.compile(self.mtp_draft_step, dynamic=False)
+                self._compiled_draft = torch.compile(functools.partial(self.mtp_draft_step, compiled=True),
+                                                 dynamic=False)
         return self
 
     @property
@@ -409,7 +429,8 @@ class NemotronForCausalLM(nn.Module):
         use_compiled = self._compiled_draft is not None and cache.valid is None
         return (self._compiled_draft if use_compiled else self.mtp_draft_step)(h, pos, states, K)
 
-    def mtp_draft_step(self, h: torch.Tensor, pos: torch.Tensor, states: dict, K: int) -> torch.Tensor:
+    def mtp_draft_step(self, h: torch.Tensor, pos: torch.Tensor, states: dict, K: int, compiled: bool = False
+                       ) -> torch.Tensor:
         """mtp_draft's static-shape body (what compile_decode compiles): LM head, argmax and the MTP steps of all
         K drafts in one graph, so a round pays one call instead of 2K - 1:
             d_1 = argmax lm_head(h^1);   h^j = MTP_j(h^{j-1}, d_{j-1}) at pos + j - 2,   d_j = argmax lm_head(h^j)
@@ -418,7 +439,8 @@ class NemotronForCausalLM(nn.Module):
         states = {i: tuple(t.clone() for t in s) if len(s) == 2 else s for i, s in states.items()}   # Mamba: copies
         drafts = [self.lm_head(h[:, -1]).float().argmax(-1)]                                      # (b,)
         for j in range(2, K + 1):
-            h = self.mtp.step_static(j, h, self.backbone.embeddings(drafts[-1][:, None]), states, pos + (j - 2))
+            h = self.mtp.step_static(j, h, self.backbone.embeddings(drafts[-1][:, None]), states, pos + (j - 2),
+                                     compiled=compiled)
             drafts.append(self.lm_head(h[:, -1]).float().argmax(-1))
         return torch.stack(drafts, 1)                                                             # (b, K)
 

@@ -29,15 +29,24 @@ def expert_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(ids_TK.reshape(-1), minlength=num_experts)
 
 
-def sequence_aux_loss(scores_TE: torch.Tensor, batch: int, top_k: int, coeff: float = 1e-4) -> torch.Tensor:
-    """scores_TE: (batch * seq_len, E) sigmoid router scores (RouterOutput.scores_TE), sequences contiguous."""
+def sequence_aux_loss(scores_TE: torch.Tensor, batch: int, top_k: int, coeff: float = 1e-4,
+                      cp_group=None) -> torch.Tensor:
+    """scores_TE: (batch * seq_len, E) sigmoid router scores (RouterOutput.scores_TE), sequences contiguous.
+    cp_group (context parallelism): the rows are this rank's slices of sequences the group shares; the top-K counts
+    are summed over the group and P_e is this rank's share of the sequence mean, so the ranks' losses add up to the
+    loss of the whole sequences (and so do their gradients, which flow through P only)."""
     E = scores_TE.shape[-1]
     s = scores_TE.to(torch.promote_types(scores_TE.dtype, torch.float32)).view(batch, -1, E)
     s_hat = s / (s.sum(-1, keepdim=True) + 1e-20)                             # (b, T, E)
     T = s.shape[1]
     chosen = torch.zeros_like(s_hat).scatter_(-1, s_hat.topk(top_k, dim=-1).indices, 1.0)
-    f = chosen.sum(1) / (T * top_k)                                           # (b, E), no gradient
-    P = s_hat.mean(1)                                                         # (b, E)
+    counts = chosen.sum(1)                                                    # (b, E), no gradient
+    if cp_group is not None:
+        import torch.distributed as dist
+        dist.all_reduce(counts, group=cp_group)
+        T *= dist.get_world_size(cp_group)
+    f = counts / (T * top_k)
+    P = s_hat.sum(1) / T                                                      # (b, E)
     return coeff * E * (f * P).sum(-1).mean()
 
 

@@ -37,10 +37,9 @@ class ExpertParallelExperts(Experts):
     rows_sent: int
 
     def forward(self, x_TL: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                schedule: str | None = None) -> torch.Tensor:
-        """Always the sorted schedule, split across ranks (any other schedule is rejected)."""
-        if schedule not in (None, "sorted"):
-            raise ValueError(f"expert parallelism runs the sorted schedule only; got schedule {schedule!r}.")
+                schedule: str = "sorted") -> torch.Tensor:
+        """Always the sorted schedule, split across ranks: the others (one_token, gathered) are single-device
+        shortcuts to the same sum, which an inference caller may ask for; here the experts live on other ranks."""
         P = dist.get_world_size(self.ep_group)
         E_local = self.num_experts // P
         order, counts_E = dispatch_order(ids_TK, self.num_experts)

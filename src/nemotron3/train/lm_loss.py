@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..model.nemotron import packed_sequence_index, shifted_targets
 from .balance import sequence_aux_loss
+from .context_parallel import sequence_slice
 
 
 class LMLoss:
@@ -21,7 +22,12 @@ class LMLoss:
                               number of sequences with one: L = (1/|B|) sum_c (1/|O_c|) sum_{t in O_c} l_t. The MTP
                               depths reuse the next-token weights (their targets differ only if labels begin within
                               a sequence's first k tokens).
-    Depth k at position t predicts labels[t + k + 1] (MTP stays on in SFT)."""
+    Depth k at position t predicts labels[t + k + 1] (MTP stays on in SFT).
+    Under context parallelism (context_parallel(group)) the model's forward covers this rank's slice of each row:
+    count() still counts whole rows, the accuracy is weighed by the slice's targets, and the sequence aux loss sums
+    each sequence's expert counts over the group."""
+
+    cp_group = None
 
     def __init__(self, mtp_depths: int = 0, mtp_lambda: float = 0.3, aux_coeff: float = 0.0,
                  normalization: str = "token"):
@@ -34,6 +40,10 @@ class LMLoss:
         has no MTP heads)."""
         return cls(cfg.mtp_depths if model.mtp is not None else 0, cfg.mtp_lambda, cfg.aux_coeff,
                    cfg.loss_normalization)
+
+    def context_parallel(self, group) -> None:
+        """The model's forwards now cover this rank's slice of each row, the cp `group` sharing the rows."""
+        self.cp_group = group
 
     def _targets_and_weights(self, batch):
         labels, mask = batch["labels"], batch.get("attention_mask")
@@ -69,12 +79,16 @@ class LMLoss:
     def __call__(self, model, batch, totals):
         """(loss to backpropagate, metrics already divided by the step's totals (sum them over micro-batches),
         model output)."""
-        _, weights, _ = self._targets_and_weights(batch)
+        targets, weights, _ = self._targets_and_weights(batch)
         ids, D = batch["input_ids"], self.mtp_depths
         out = model(ids, batch.get("attention_mask"), position_ids=batch.get("position_ids"), labels=batch["labels"],
                     loss_weights=weights, loss_reduction="sum", mtp_depths=D, return_router=bool(self.aux_coeff))
         ct = out.loss.dtype
-        local = self.count(batch)["targets"].to(ids.device, ct)
+        if self.cp_group is not None:           # the targets of this rank's slice of each row
+            import torch.distributed as dist
+            size = dist.get_world_size(self.cp_group)
+            targets = [sequence_slice(t, dist.get_rank(self.cp_group), size) for t in targets]
+        local = torch.stack([(t != -100).sum() for t in targets]).to(ids.device, ct)
         Z, n = (totals[k].to(ids.device, ct).clamp(min=1e-12) for k in ("Z", "targets"))
         main = out.loss / Z[0]
         loss = main
@@ -87,7 +101,8 @@ class LMLoss:
         if self.aux_coeff:
             rows = ids.shape[0]
             for r in out.router.values():
-                loss = loss + sequence_aux_loss(r.scores_TE, rows, r.ids_TK.shape[1], self.aux_coeff) / \
+                loss = loss + sequence_aux_loss(r.scores_TE, rows, r.ids_TK.shape[1], self.aux_coeff,
+                                              self.cp_group) / \
                     totals["micro_batches"].to(ids.device, ct)
         metrics["total_loss"] = loss.detach()
         return loss, metrics, out

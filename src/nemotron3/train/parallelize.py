@@ -5,11 +5,13 @@ DeviceMesh / DTensor.
     torchrun --nproc_per_node 4 -m nemotron3 train --preset tiny --ep 2     # dp 2 x ep 2, FSDP2 on
     torchrun --nproc_per_node 4 -m nemotron3 train --preset tiny --tp 2     # dp 2 x tp 2 (meant for GPUs)
     torchrun --nproc_per_node 2 -m nemotron3 train --preset tiny --no-fsdp  # replicated weights, summed grads
+    torchrun --nproc_per_node 4 -m nemotron3 train --preset tiny --cp 2     # dp 2 x cp 2: rows split in halves
 
-Meshes (world = dp * ep, or dp * tp; expert parallelism borrows its ranks from data parallelism, as in torchtitan:
-every rank reads its own batch, and a group of ep ranks shares one copy of the experts):
-    mesh ("dp", "ep")    experts: Shard(0) over ep (parallel experts), then FSDP2 over dp
-    flattened "dp_ep"    everything else: FSDP2 over all ranks (embeddings + head + norm_f in the root unit)
+Meshes (world = dp * ep * cp, or dp * tp; expert parallelism borrows its ranks from data parallelism, as in
+torchtitan: every rank reads its own batch, and a group of ep ranks shares one copy of the experts; the cp ranks of a
+group, consecutive, read the same rows and each computes its slice of the sequence, context_parallel.py):
+    mesh ("dp", "ep", "cp")  experts: Shard(0) over ep (parallel experts), then FSDP2 over dp x cp ("dp_cp")
+    flattened "dp_ep_cp"     everything else: FSDP2 over all ranks (embeddings + head + norm_f in the root unit)
     mesh ("dp", "tp")    --tp: the tp ranks of a group read the same batch; Megatron's column / row split inside
                          each block (below), then FSDP2 over dp
 Tensor parallel (Megatron-LM §3): attention q/k/v column-wise (each tp rank computes H/tp query heads and
@@ -24,8 +26,9 @@ are not supported yet.
 Gradients are summed over ranks, never averaged (divide factor 1, SUM collectives), because the trainer divides
 each rank's loss by the global totals already; so any (dp, ep) gives the one-process gradient of the global batch.
 The bias update reads expert loads summed over every data-parallel rank (trainer.py), the whole dp x ep group.
-Left out: sequence / context parallelism (context parallel for causal attention is CUDA-only in torch), pipeline
-parallelism, torch.compile per block, tensor parallel Mamba-2 (above).
+Context parallelism shards FSDP2 over the cp ranks too (torchtitan's dp_shard_cp): they hold different tokens, so
+their gradients are summed like those of data-parallel ranks.
+Left out: pipeline parallelism, torch.compile per block, tensor parallel Mamba-2 (above), --cp with --tp.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..model.moe import MoE
+from .context_parallel import apply_context_parallel, check_context_parallel
 from .expert_parallel import shard_experts
 
 
@@ -48,20 +52,30 @@ def blocks(model) -> list:
 
 
 def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: bool = False,
-                cpu_offload: bool = False, bf16: bool = False, device: torch.device | None = None, tp: int = 1):
-    """Apply tensor parallelism, activation checkpointing, expert parallelism and FSDP2 to `model` in place (every
-    rank must hold the same weights, or all be on the meta device). Returns the ("dp", "ep") or ("dp", "tp")
-    DeviceMesh, or None when nothing is sharded (one rank, or --no-fsdp).
+                cpu_offload: bool = False, bf16: bool = False, device: torch.device | None = None, tp: int = 1,
+                cp: int = 1):
+    """Apply tensor parallelism, context parallelism, activation checkpointing, expert parallelism and FSDP2 to
+    `model` in place (every rank must hold the same weights, or all be on the meta device). Returns the
+    ("dp", "ep", "cp") or ("dp", "tp") DeviceMesh, or None when nothing is sharded (one rank, or --no-fsdp).
     bf16: FSDP2 mixed precision (bf16 compute copies of the weights, fp32 gradient reduction), for GPUs.
     device: where the weights will live, for a model still on the meta device (filled after sharding)."""
     if world % ep:
         raise ValueError(f"--ep {ep} does not divide the {world} ranks; use an ep that divides --nproc_per_node.")
     if world % tp:
         raise ValueError(f"--tp {tp} does not divide the {world} ranks; use a tp that divides --nproc_per_node.")
+    if world % (ep * cp):
+        with_ep = f" x --ep {ep}" if ep > 1 else ""
+        raise ValueError(f"--cp {cp}{with_ep} does not divide the {world} ranks; use a cp{with_ep} that divides "
+                         f"--nproc_per_node.")
     if tp > 1 and ep > 1:
         raise ValueError("--tp and --ep together are not supported yet; use one of them.")
-    if tp > 1 and (world == 1 or not fsdp):
-        raise ValueError(f"--tp {tp} needs torchrun with at least {tp} processes and FSDP2 (drop --no-fsdp).")
+    if tp > 1 and cp > 1:
+        raise ValueError("--tp and --cp together are not supported yet; use one of them.")
+    for name, n in (("tp", tp), ("cp", cp)):
+        if n > 1 and (world == 1 or not fsdp):
+            raise ValueError(f"--{name} {n} needs torchrun with at least {n} processes and FSDP2 (drop --no-fsdp).")
+    if cp > 1:
+        check_context_parallel(model.config, cp)
     if act_ckpt:
         from torch.distributed._composable import checkpoint
         for block in blocks(model):
@@ -79,8 +93,10 @@ def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: boo
         tensor_parallel(model, mesh["tp"])
         every_rank = mesh["dp"]                  # FSDP2 over the data-parallel ranks; tp ranks hold other columns
     else:
-        mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
-        every_rank = mesh["dp", "ep"]._flatten("dp_ep")
+        mesh = init_device_mesh(device.type, (world // (ep * cp), ep, cp), mesh_dim_names=("dp", "ep", "cp"))
+        every_rank = mesh["dp", "ep", "cp"]._flatten("dp_ep_cp")
+        if cp > 1:
+            apply_context_parallel(model, mesh["cp"])
     policy = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if bf16 else MixedPrecisionPolicy(),
                   offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload
@@ -89,7 +105,8 @@ def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: boo
     if ep > 1:
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
             shard_experts(moe.experts, mesh["ep"])
-            units.append(fully_shard(moe.experts, mesh=mesh["dp"], **policy))
+            units.append(fully_shard(moe.experts, mesh=mesh["dp", "cp"]._flatten("dp_cp") if cp > 1 else mesh["dp"],
+                                     **policy))
     units += [fully_shard(b, mesh=every_rank, **policy) for b in blocks(model)]
     units.append(fully_shard(model, mesh=every_rank, **policy))
     for unit in units:                       # plain sums: the loss is already normalised over the global batch

@@ -3,8 +3,10 @@
     nemotron3 plan --preset nano-30b-a3b --gpus 64 --dp 8 --ep 8 --seq-len 8192 --micro-batch 1
     nemotron3 plan --preset super-120b-a12b --gpus 64 --ep 64 --seq-len 8192 --precision nvfp4 --act-ckpt
 
-The layout is the trainer's (parallelize.py): gpus = dp * ep * tp; every rank reads its own micro-batch; routed
-experts are split E/ep per rank and FSDP2-sharded over dp; everything else is FSDP2-sharded over all dp * ep ranks
+The layout is the trainer's (parallelize.py): gpus = dp * ep * tp * cp; every rank reads its own micro-batch, except
+that the cp ranks of a group share theirs and each holds seq_len / cp tokens of every row (context parallelism:
+activations and all-to-all buffers / cp); routed experts are split E/ep per rank and FSDP2-sharded over dp * cp;
+everything else is FSDP2-sharded over all dp * ep * cp ranks
 (and split tp ways by tensor parallelism, modelled as Megatron TP + sequence parallel: block weights and block
 activations / tp). Per rank, with P_x the parameters of part x:
     parameters   4 B * (P_dense / (dp ep tp) + P_experts / (dp ep))       fp32 shards (the optimizer's master copy)
@@ -23,7 +25,8 @@ peak = parameters + optimizer + gathered + activations + all-to-all + gradients 
 (twice: FSDP2 copies them into the reduce-scatter input): the start of backward holds every activation while the
 first gradients and backward's temporaries appear (measured on CPU: more than the gradients of the whole model).
 Left out: the CUDA context and allocator fragmentation
-(the "fits" column keeps 10% of the GPU free for them), pipeline / context parallelism, NVFP4's packed weights
+(the "fits" column keeps 10% of the GPU free for them), pipeline parallelism, context parallelism's own all-to-all
+buffers (one mixer's q/k/v or x/B/C at a time, small next to the saved activations), NVFP4's packed weights
 (nvfp4 is planned at bf16 compute width, as our emulated recipe runs it).
 """
 
@@ -46,13 +49,15 @@ class PlanConfig:
     preset: str = "nano-30b-a3b"
     """Architecture preset (nemotron3 info --list)."""
     gpus: int = 8
-    """Total GPUs (ranks) = dp * ep * tp."""
+    """Total GPUs (ranks) = dp * ep * tp * cp."""
     dp: int = 0
-    """FSDP2 degree of the experts (0 = gpus / (ep * tp))."""
+    """Data-parallel degree (0 = gpus / (ep * tp * cp))."""
     ep: int = 1
     """Expert-parallel degree (E / ep experts per rank)."""
     tp: int = 1
     """Tensor-parallel degree (modelled: block weights and activations / tp)."""
+    cp: int = 1
+    """Context-parallel degree (each rank holds seq_len / cp tokens of its group's rows)."""
     seq_len: int = 8192
     """Tokens per sequence."""
     micro_batch: int = 1
@@ -71,13 +76,13 @@ class PlanConfig:
             raise ValueError(f"--precision {self.precision}: use fp32, bf16 or nvfp4.")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"--optimizer {self.optimizer}: use adamw or sgd.")
-        for name in ("gpus", "ep", "tp", "seq_len", "micro_batch"):
+        for name in ("gpus", "ep", "tp", "cp", "seq_len", "micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1.")
-        dp = self.dp or self.gpus // (self.ep * self.tp)
-        if dp < 1 or dp * self.ep * self.tp != self.gpus:
-            raise ValueError(f"--gpus {self.gpus} must equal dp * ep * tp = {self.dp or '?'} * {self.ep} * {self.tp};"
-                             f" change --dp, --ep or --tp.")
+        dp = self.dp or self.gpus // (self.ep * self.tp * self.cp)
+        if dp < 1 or dp * self.ep * self.tp * self.cp != self.gpus:
+            raise ValueError(f"--gpus {self.gpus} must equal dp * ep * tp * cp = {self.dp or '?'} * {self.ep} * "
+                             f"{self.tp} * {self.cp}; change --dp, --ep, --tp or --cp.")
 
 
 def _is_expert(name: str) -> bool:
@@ -147,13 +152,13 @@ def plan(cfg: PlanConfig, config=None) -> dict:
     cfg.preset."""
     cfg.validate()
     config = config or from_preset(cfg.preset)
-    dp, ep, tp = cfg.dp or cfg.gpus // (cfg.ep * cfg.tp), cfg.ep, cfg.tp
+    dp, ep, tp, cp = cfg.dp or cfg.gpus // (cfg.ep * cfg.tp * cfg.cp), cfg.ep, cfg.tp, cfg.cp
     if config.n_routed_experts % ep:
         raise ValueError(f"--ep {ep} does not divide the {config.n_routed_experts} experts of {cfg.preset}.")
-    world = dp * ep * tp
+    world = dp * ep * tp * cp
     split = parameter_split(config)
     dense = split["total"] - split["experts"]
-    local = dense / (world if world > 1 else 1) + split["experts"] / (dp * ep)
+    local = dense / (world if world > 1 else 1) + split["experts"] / (dp * cp * ep)
     c = 4 if cfg.precision == "fp32" else 2
     sharded = world > 1
     if sharded:
@@ -163,7 +168,7 @@ def plan(cfg: PlanConfig, config=None) -> dict:
     else:
         gathered = c * split["total"] if c != 4 else 0        # one process: the weights themselves (bf16 copies)
         unit_grads = 0
-    tokens = cfg.seq_len * cfg.micro_batch
+    tokens = cfg.seq_len * cfg.micro_batch / cp                 # this rank's share of its rows
     depths = cfg.mtp_depths if config.num_nextn_predict_layers else 0
     layers = list(config.layers_block_type) + list(config.mtp_layers_block_type) * depths
     per_kind = {k: saved_bytes_per_token(config, k, cfg.precision) for k in set(layers)}
@@ -185,9 +190,9 @@ def plan(cfg: PlanConfig, config=None) -> dict:
 
 def report(cfg: PlanConfig, result: dict) -> str:
     gib = 2 ** 30
-    dp = cfg.dp or cfg.gpus // (cfg.ep * cfg.tp)
-    lines = [f"{cfg.preset} on {cfg.gpus} GPUs (dp {dp} x ep {cfg.ep} x tp {cfg.tp}), {cfg.micro_batch} x "
-             f"{cfg.seq_len} tokens per rank, {cfg.precision}{', activation checkpointing' if cfg.act_ckpt else ''}",
+    dp = cfg.dp or cfg.gpus // (cfg.ep * cfg.tp * cfg.cp)
+    lines = [f"{cfg.preset} on {cfg.gpus} GPUs (dp {dp} x ep {cfg.ep} x tp {cfg.tp} x cp {cfg.cp}), {cfg.micro_batch}"
+             f" x {cfg.seq_len} tokens per {'cp group' if cfg.cp > 1 else 'rank'}, {cfg.precision}{', activation checkpointing' if cfg.act_ckpt else ''}",
              "per GPU:"]
     for k in ("parameters", "gradients", "optimizer", "gathered", "activations", "all_to_all", "peak"):
         lines.append(f"  {k:<12} {result[k] / gib:9.2f} GiB")

@@ -16,7 +16,7 @@ loss by those totals; so accumulation and data parallelism give the gradient of 
 number of valid targets in each micro-batch. Gradients are then summed over ranks (not averaged).
 The data iterator may offer state_dict() / load_state_dict() (as ResumableSampler does): checkpoints keep it.
 Under torchrun, parallelize.py shards the model from outside (FSDP2 per block, expert parallelism with --ep,
-activation checkpointing with --act-ckpt, tensor parallelism with --tp) and checkpoints become DCP shards
+activation checkpointing with --act-ckpt, tensor parallelism with --tp, context parallelism with --cp) and checkpoints become DCP shards
 (checkpointing.py, --async-save to write them in the background); --model DIR then builds the model on the meta
 device and each rank reads only its shards of the weights (checkpoint.load_into_shards); --no-fsdp keeps whole
 weights on every rank and sums their gradients with one flattened all-reduce.
@@ -114,6 +114,10 @@ class TrainerConfig:
     tp: int = 1
     """Tensor parallelism under torchrun (meant for GPUs): attention and dense MLPs split column / row-wise over tp
     ranks, which read the same batch; the data-parallel degree is nproc / tp. Not with --ep (yet)."""
+    cp: int = 1
+    """Context parallelism under torchrun, for long sequences: the cp ranks of a group read the same rows and each
+    computes L/cp consecutive tokens of them (attention and Mamba reach the whole sequence by all-to-all; NCCL or
+    gloo); the data-parallel degree is nproc / (ep * cp). Needs heads and the sequence length divisible by cp."""
     no_fsdp: bool = False
     """Under torchrun, keep every weight on every rank and all-reduce the gradients (no FSDP2 sharding)."""
     act_ckpt: bool = False
@@ -133,7 +137,7 @@ class TrainerConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: use {', '.join(allowed[:-1])} or "
                                  f"{allowed[-1]}.")
-        for name in ("max_steps", "save_every", "keep_last", "batch_size", "grad_accum", "eval_every", "ep", "tp"):
+        for name in ("max_steps", "save_every", "keep_last", "batch_size", "grad_accum", "eval_every", "ep", "tp", "cp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1.")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -207,9 +211,18 @@ class Trainer:
         self.mesh = None
         if not isinstance(model, FSDPModule):          # a model sharded by an earlier Trainer stays as it is
             self.mesh = parallelize(model, self.world, cfg.ep, not cfg.no_fsdp, cfg.act_ckpt, cfg.cpu_offload,
-                                    bf16 and self.device.type == "cuda", self.device, cfg.tp)
-        # totals, statistics and expert loads are summed over the data-parallel ranks (tp ranks see the same batch)
+                                    bf16 and self.device.type == "cuda", self.device, cfg.tp, cfg.cp)
+        # statistics and expert loads are summed over the data-parallel ranks (tp ranks see the same batch); the
+        # loss totals, which count whole rows, over the ranks that read different rows (cp ranks share them too)
         self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None and cfg.tp > 1 else None
+        self.cp_group = self.mesh["cp"].get_group() if self.mesh is not None and cfg.cp > 1 else None
+        self.rows_group = self.dp_group
+        if self.cp_group is not None:
+            self.rows_group = self.mesh["dp", "ep"]._flatten("dp_ep").get_group()
+            if not hasattr(loss, "context_parallel"):
+                raise ValueError(f"--cp {cfg.cp}: this training kind's loss does not support context parallelism "
+                                 f"(train and sft do); drop --cp.")
+            loss.context_parallel(self.cp_group)
         self.sharded = isinstance(model, FSDPModule)
         if meta:
             load_into_shards(model, cfg.model, self.device)
@@ -240,7 +253,7 @@ class Trainer:
         if self.world > 1 and across_ranks:
             import torch.distributed as dist
             for v in totals.values():
-                dist.all_reduce(v, group=self.dp_group)
+                dist.all_reduce(v, group=self.rows_group)
         return totals
 
     def forward_backward_step(self, batch: dict, totals: dict) -> dict[str, torch.Tensor]:
@@ -263,8 +276,8 @@ class Trainer:
         self.expert_counts = {m.layer_idx: m.tokens_per_expert.clone() for m in self.moe_layers}
         names = sorted(summed)
         stats = torch.stack([summed[k] for k in names] +
-                            [sum(b["input_ids"].numel() for b in batches) * torch.ones((), dtype=torch.float64,
-                                                                                        device=self.device)])
+                            [sum(b["input_ids"].numel() for b in batches) / self.cfg.cp *      # the rank's tokens
+                             torch.ones((), dtype=torch.float64, device=self.device)])
         if self.world > 1:              # FSDP2 has summed the gradients already; replicated weights sum them here
             _all_reduce_sum([] if self.sharded else list(self.model.parameters()), self.expert_counts, stats,
                             self.dp_group)
@@ -315,7 +328,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, batches) -> dict[str, float]:
         """Held-out metrics over `batches` (one mean over all of them), as eval_<name>. Every rank evaluates the
-        same batches, so nothing is reduced across ranks."""
+        same batches, so nothing is reduced across ranks but the cp ranks' shares of each row."""
         batches = [self._to_device(b) for b in batches]
         if not batches:
             return {}
@@ -328,6 +341,11 @@ class Trainer:
             for k, v in metrics.items():
                 summed[k] = summed.get(k, 0.0) + float(v)
         self.model.train()
+        if self.cp_group is not None:
+            import torch.distributed as dist
+            shares = torch.tensor([summed[k] for k in sorted(summed)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(shares, group=self.cp_group)
+            summed = dict(zip(sorted(summed), shares.tolist()))
         return {f"eval_{k}": v for k, v in summed.items() if k != "total_loss"}
 
     # ---- the loop ----
@@ -456,9 +474,9 @@ def distributed() -> tuple[int, int]:
 
 def data_parallel_rank(cfg: TrainerConfig) -> tuple[int, int]:
     """(this rank's data shard, number of data shards): every rank its own batch, except that the tp ranks of a
-    tensor-parallel group (consecutive ranks) read the same one."""
+    tensor-parallel group and the cp ranks of a context-parallel group (consecutive ranks) read the same one."""
     rank, world = distributed()
-    return rank // cfg.tp, world // cfg.tp
+    return rank // (cfg.tp * cfg.cp), world // (cfg.tp * cfg.cp)
 
 
 def _all_reduce_sum(params: list, counts: dict, stats: torch.Tensor, group=None) -> None:
