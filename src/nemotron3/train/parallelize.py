@@ -28,7 +28,9 @@ each rank's loss by the global totals already; so any (dp, ep) gives the one-pro
 The bias update reads expert loads summed over every data-parallel rank (trainer.py), the whole dp x ep group.
 Context parallelism shards FSDP2 over the cp ranks too (torchtitan's dp_shard_cp): they hold different tokens, so
 their gradients are summed like those of data-parallel ranks.
-Left out: pipeline parallelism, torch.compile per block, tensor parallel Mamba-2 (above), --cp with --tp.
+torch.compile per block (--compile-blocks): each block compiled on its own (torchtitan), so a graph break or a
+recompilation stays inside one block.
+Left out: pipeline parallelism, tensor parallel Mamba-2 (above), --cp with --tp.
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ def blocks(model) -> list:
 
 def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: bool = False,
                 cpu_offload: bool = False, bf16: bool = False, device: torch.device | None = None, tp: int = 1,
-                cp: int = 1):
+                cp: int = 1, compile_blocks: bool = False):
     """Apply tensor parallelism, context parallelism, activation checkpointing, expert parallelism and FSDP2 to
     `model` in place (every rank must hold the same weights, or all be on the meta device). Returns the
     ("dp", "ep", "cp") or ("dp", "tp") DeviceMesh, or None when nothing is sharded (one rank, or --no-fsdp).
     bf16: FSDP2 mixed precision (bf16 compute copies of the weights, fp32 gradient reduction), for GPUs.
-    device: where the weights will live, for a model still on the meta device (filled after sharding)."""
+    device: where the weights will live, for a model still on the meta device (filled after sharding).
+    compile_blocks: torch.compile every block on its own (after checkpointing, before sharding, as torchtitan)."""
     if world % ep:
         raise ValueError(f"--ep {ep} does not divide the {world} ranks; use an ep that divides --nproc_per_node.")
     if world % tp:
@@ -80,6 +83,9 @@ def parallelize(model, world: int, ep: int = 1, fsdp: bool = True, act_ckpt: boo
         from torch.distributed._composable import checkpoint
         for block in blocks(model):
             checkpoint(block)                    # recompute each block's activations in backward; names unchanged
+    if compile_blocks:
+        for block in blocks(model):
+            block.compile()                      # in place: parameter names and FSDP2 units unchanged
     if world == 1 or not fsdp:
         if ep > 1:
             raise ValueError(f"--ep {ep} needs FSDP2 across ranks; drop --no-fsdp (and run under torchrun).")

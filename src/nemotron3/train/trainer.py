@@ -124,6 +124,10 @@ class TrainerConfig:
     """Activation checkpointing per block: keep only block inputs, recompute the rest in backward."""
     cpu_offload: bool = False
     """FSDP2: keep the sharded parameters, gradients and optimizer state in CPU memory."""
+    compile_blocks: bool = False
+    """torch.compile each block (and the MTP unit) on its own, as torchtitan does.
+    The first step pays the compilation (~2 min for tiny on 2 CPU cores); measured on tiny, 4 x 128 tokens, one
+    thread: steps then 1.5x faster than eager, same losses."""
     async_save: bool = False
     """Sharded runs: write checkpoints in the background (dcp.async_save) while training continues; step_N appears
     (atomically) once every rank has finished writing it, at the next save or the end of the run."""
@@ -211,7 +215,8 @@ class Trainer:
         self.mesh = None
         if not isinstance(model, FSDPModule):          # a model sharded by an earlier Trainer stays as it is
             self.mesh = parallelize(model, self.world, cfg.ep, not cfg.no_fsdp, cfg.act_ckpt, cfg.cpu_offload,
-                                    bf16 and self.device.type == "cuda", self.device, cfg.tp, cfg.cp)
+                                    bf16 and self.device.type == "cuda", self.device, cfg.tp, cfg.cp,
+                                    cfg.compile_blocks)
         # statistics and expert loads are summed over the data-parallel ranks (tp ranks see the same batch); the
         # loss totals, which count whole rows, over the ranks that read different rows (cp ranks share them too)
         self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None and cfg.tp > 1 else None
