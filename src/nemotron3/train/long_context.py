@@ -3,13 +3,15 @@
 Nemotron 3 Nano's long-context continued pretraining (paper §2.5) trains on a mix of very long (512K) and short (4K)
 sequences at a constant learning rate, because long sequences alone hurt short-context scores. Here
 `--mix 65536:0.2,4096:0.8` means: every training row holds R = 65536 tokens (the longest length of the mix); a row
-is a "65536" row with probability 0.2 and a "4096" row with probability 0.8. A row of class L is a window of R
-tokens cut from a stream of documents of about L tokens each (train/long_docs.py: retrieval and multi-hop tasks
-whose answer sits L tokens back, each followed by the end-of-document token), so a short row packs ~R / L short
-documents and a long row one long document. position_ids restart after every end-of-document token
-(data.document_position_ids), so attention (one causal attention per document), Mamba states, MTP and the loss
-stay inside each document: a short row trains exactly as R / L separate short sequences, without padding, and
-every micro-batch is one (b, R) tensor whatever it mixes. Shares are therefore shares of rows and of tokens.
+is a "65536" row with probability 0.2 and a "4096" row with probability 0.8. A row of class L holds R tokens of a
+stream of documents of about L tokens each (train/long_docs.py: retrieval and multi-hop tasks whose answer sits L
+tokens back, each followed by the end-of-document token), so a short row packs ~R / L short documents and a long
+row one long document. Every row starts at the start of a document: the document the previous row of its class
+cut off is served again whole (its head, already seen, repeats). Windows cut anywhere would split nearly every
+document whose length is close to R, so that its answer often trains without its needle in the context.
+position_ids restart after every end-of-document token (data.document_position_ids), so attention (one causal
+attention per document), Mamba states, MTP and the loss stay inside each document: a short row trains exactly as
+R / L separate short sequences, without padding, and every micro-batch is one (b, R) tensor whatever it mixes. Shares are therefore shares of rows and of tokens.
 
 The class of row i is drawn from its own seeded generator (seed, rank, i), so the mix is deterministic and a
 resumed run continues the same rows; each class's document stream is consumed in order and its position is part
@@ -75,6 +77,9 @@ class _DocumentStream:
         return self._doc
 
     def take(self, n: int) -> list[int]:
+        """The next n tokens, starting with the document the last call cut off (if it fits in n tokens)."""
+        if self.offset > 0 and len(self._document()) <= n:
+            self.offset = 0
         out: list[int] = []
         while len(out) < n:
             doc = self._document()
