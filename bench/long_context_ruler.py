@@ -49,7 +49,8 @@ def models() -> dict:
 
 def train_two_stages(name: str, seed: int, args, workdir: str) -> tuple[str, float, float]:
     """Stage 1 (1024-token rows) from scratch, then the long-context stage; (final dir, seconds of each stage)."""
-    common = dict(eval_every=10**6, eval_batches=1, seed=seed, mtp_depths=1, keep_last=1)
+    common = dict(eval_every=10**6, eval_batches=1, seed=seed, mtp_depths=1, keep_last=1,
+                  answer_weight=args.answer_weight)
     t0 = time.perf_counter()
     stage1 = train(TrainConfig(out=os.path.join(workdir, f"{name}_{seed}_s1"), mix="1024:1", max_steps=args.steps1,
                                save_every=args.steps1, lr=args.lr, warmup_steps=args.warmup,
@@ -116,6 +117,8 @@ def main() -> None:
     ap.add_argument("--steps1", type=int, default=800, help="stage-1 steps (1024-token rows)")
     ap.add_argument("--batch-size", type=int, default=4, help="stage-1 rows per step")
     ap.add_argument("--lr", type=float, default=3e-3, help="stage-1 peak learning rate (WSD)")
+    ap.add_argument("--answer-weight", type=float, default=20.0,
+                    help="loss weight of each document's answer tokens (pretrain --answer-weight; 1 = plain LM loss)")
     ap.add_argument("--warmup", type=int, default=20, help="stage-1 warmup steps")
     ap.add_argument("--steps2", type=int, default=20, help="long-context stage steps (0: no stage 2)")
     ap.add_argument("--mix2", default="16384:0.25,1024:0.75", help="the long-context stage's --mix")
