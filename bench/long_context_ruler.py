@@ -5,7 +5,8 @@ contexts better than an all-attention NoPE model of equal parameters trained on 
     python bench/long_context_ruler.py --seeds 0 --steps1 40 --steps2 4 --lengths 1024,4096 --samples 4   # smoke
 
 Per seed and model: stage 1 trains from scratch on 1024-token rows of the built-in long documents (retrieval and
-multi-hop tasks, train/long_docs.py; `nemotron3 train --mix 1024:1`), stage 2 is a short long-context stage on
+multi-hop tasks, train/long_docs.py; `nemotron3 train --mix 1024:1 --answer-weight 20`: the answer line weighs 20
+times a haystack token), stage 2 is a short long-context stage on
 16384-token rows mixing long and short documents (`--mix 16384:0.25,1024:0.75 --constant-lr --act-ckpt`), then
 RULER-style evaluation (eval/ruler.py, held-out sample seeds) at 1K ... the longest length asked, scored by the
 teacher-forced rank of the gold answer among 9 distractor answers (accuracy = rank 0; chance 10%). Models: the
@@ -162,8 +163,8 @@ def print_table(result: dict, lengths: list[int]) -> None:
     """Mean accuracy over seeds +- the spread across seeds, per model and length."""
     print(f"{'model':<16}" + "".join(f"{n:>16}" for n in lengths))
     for name, by_length in result["across_seeds"].items():
-        print(f"{name:<16}" + "".join(f"{100 * by_length[n]['mean']:>9.1f} +-{100 * by_length[n]['sd_across_seeds']:>4.1f}"
-                                      for n in lengths))
+        cells = [(100 * by_length[n]["mean"], 100 * by_length[n]["sd_across_seeds"]) for n in lengths]
+        print(f"{name:<16}" + "".join(f"{mean:>9.1f} +-{sd:>4.1f}" for mean, sd in cells))
 
 
 def plot(result: dict, lengths: list[int]) -> None:

@@ -11,7 +11,8 @@ cut off is served again whole (its head, already seen, repeats). Windows cut any
 document whose length is close to R, so that its answer often trains without its needle in the context.
 position_ids restart after every end-of-document token (data.document_position_ids), so attention (one causal
 attention per document), Mamba states, MTP and the loss stay inside each document: a short row trains exactly as
-R / L separate short sequences, without padding, and every micro-batch is one (b, R) tensor whatever it mixes. Shares are therefore shares of rows and of tokens.
+R / L separate short sequences, without padding, and every micro-batch is one (b, R) tensor whatever it mixes.
+Shares are therefore shares of rows and of tokens.
 With answer_weight != 1 (--answer-weight) a micro-batch also carries loss_weights: each document's answer line
 weighs answer_weight, every other target 1 (a 7-digit answer is ~1% of a 1K-token document's loss otherwise).
 
