@@ -1,7 +1,8 @@
 """The long-context training stage: the --mix data, activation checkpointing, the constant learning rate.
 Oracles: Python's counting of row classes against the binomial spread of the requested shares; a scan of each row
-for its end-of-document tokens (where positions must restart); the same batch's gradients, losses and expert
-counts computed by plain autograd without checkpointing; the learning rate written in metrics.jsonl."""
+for its end-of-document tokens (where positions must restart); the documents written out by long_docs.long_document
+(where rows must start); the same batch's gradients, losses and expert counts computed by plain autograd without
+checkpointing; the learning rate written in metrics.jsonl."""
 
 import json
 import math
@@ -15,6 +16,7 @@ from nemotron3.train.parallelize import parallelize
 from nemotron3.train.data import DataError
 from nemotron3.train.lm_loss import LMLoss
 from nemotron3.train.long_context import MixedLengthRows, parse_mix
+from nemotron3.train.long_docs import long_document, long_document_parts
 from nemotron3.train.pretrain import TrainConfig, train
 from tests.hf_utils import randomize_
 
@@ -106,3 +108,32 @@ def test_train_mix_runs_with_a_constant_lr_and_act_ckpt(tmp_path):
     assert [r["lr"] for r in records] == [2e-3] * 3
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in records) and "eval_loss" in records[-1]
     assert (tmp_path / "final" / "config.json").exists()
+
+
+def test_every_row_starts_with_a_whole_document():
+    # 1024-token rows of ~1000-token documents: row i is document i from its first token (the oracle: the document
+    # written out by long_docs.long_document, 1024 - 64 prompt tokens), and its answer line lies inside the row
+    data = MixedLengthRows(BYTES, [(1024, 1.0)], batch_size=2, seed=3)
+    rows = [row for _ in range(3) for row in next(data)["input_ids"].tolist()]
+    for i, row in enumerate(rows):
+        doc = BYTES.encode(long_document(BYTES, 1024 - 64, i, seed=3)) + [BYTES.eos_token_id]
+        assert len(doc) <= 1024 and row[:len(doc)] == doc, i
+
+
+def test_answer_weight_weighs_exactly_each_documents_answer_tokens():
+    # oracle: the answer line long_docs.long_document_parts writes after the prompt, found by its token positions
+    w = 20.0
+    data = MixedLengthRows(BYTES, [(1024, 1.0)], batch_size=2, seed=4, answer_weight=w)
+    batch = next(data)
+    for i in range(2):
+        prompt, answer = long_document_parts(BYTES, 1024 - 64, i, seed=4)
+        start, end = len(BYTES.encode(prompt)), len(BYTES.encode(prompt + answer))
+        expected = torch.ones(1024)
+        expected[start:end] = w
+        torch.testing.assert_close(batch["loss_weights"][i], expected, rtol=0, atol=0)
+    assert "loss_weights" not in next(MixedLengthRows(BYTES, [(1024, 1.0)], batch_size=1))
+
+
+def test_a_non_positive_answer_weight_is_refused():
+    with pytest.raises(ValueError, match="answer-weight"):
+        MixedLengthRows(BYTES, [(1024, 1.0)], batch_size=1, answer_weight=0.0)

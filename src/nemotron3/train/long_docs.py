@@ -29,15 +29,21 @@ TRAIN_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey
 LONGDOC_NAMESPACE = "nemotron3-longdoc"
 
 
-def long_document(tokenizer, length: int, index: int, seed: int = 0, split: str = "train",
-                  tasks: tuple[str, ...] = TRAIN_TASKS) -> str:
-    """Document `index` of the stream: a task prompt of exactly `length` tokens, its gold answer and a newline."""
+def long_document_parts(tokenizer, length: int, index: int, seed: int = 0, split: str = "train",
+                        tasks: tuple[str, ...] = TRAIN_TASKS) -> tuple[str, str]:
+    """Document `index` of the stream as (task prompt of exactly `length` tokens, its gold answer and a newline)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split {split!r} must be 'train' or 'heldout'.")
     rng = random.Random(f"{LONGDOC_NAMESPACE}/{split}/{seed}/{index}/choice")
     sample = make_sample(rng.choice(tasks), length, index, tokenizer, depth=rng.random(), seed=seed, distractors=0,
                          namespace=f"{LONGDOC_NAMESPACE}/{split}")
-    return sample.prompt + sample.candidates[0] + "\n"
+    return sample.prompt, sample.candidates[0] + "\n"
+
+
+def long_document(tokenizer, length: int, index: int, seed: int = 0, split: str = "train",
+                  tasks: tuple[str, ...] = TRAIN_TASKS) -> str:
+    """Document `index` of the stream: a task prompt of exactly `length` tokens, its gold answer and a newline."""
+    return "".join(long_document_parts(tokenizer, length, index, seed, split, tasks))
 
 
 def long_documents(tokenizer, length: int, seed: int = 0, split: str = "train",

@@ -54,6 +54,9 @@ class TrainConfig(TrainerConfig):
     """Long-context stage: rows of long and short documents in a ratio, e.g. 65536:0.2,4096:0.8 (LENGTH:SHARE of
     rows; every row holds the longest length, documents kept apart by position_ids; built-in long documents;
     --seq-len and --data are not used). Pair with --constant-lr and --act-ckpt."""
+    answer_weight: float = 1.0
+    """--mix: loss weight of each long document's answer tokens (the rest weigh 1). A 7-digit answer is ~1% of a
+    1K-token document, so retrieval gets little gradient at 1; a tiny model learns it sooner at e.g. 20."""
 
 
 def build_data(cfg: TrainConfig, tokenizer):
@@ -155,7 +158,7 @@ def _train_mix(cfg: TrainConfig, model, tokenizer, rank: int, world: int, log) -
     if cfg.data:
         raise ValueError("--mix trains on the built-in long documents; drop --data (or drop --mix).")
     mix = parse_mix(cfg.mix)
-    data = MixedLengthRows(tokenizer, mix, cfg.batch_size, cfg.seed, "train", rank, world)
+    data = MixedLengthRows(tokenizer, mix, cfg.batch_size, cfg.seed, "train", rank, world, cfg.answer_weight)
     held_out = MixedLengthRows(tokenizer, mix, cfg.batch_size, cfg.seed, "heldout").in_order(cfg.eval_batches)
     trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log)
     tokenizer_files = _tokenizer_files(cfg)
