@@ -1,6 +1,7 @@
 """Scale-out under torchrun on CPU (gloo): FSDP2 (dp=2), expert parallelism (ep=2), context parallelism (cp=2,
-packed rows, Mamba B/C split by group and all-gathered), dp=2 x ep=2 and dp=2 x tp=2 (tensor parallel) on 4
-processes, replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL mid-run (asynchronous saves, --async-save) resumed on another world size and (dp, ep) layout, the export of a
+packed rows, Mamba B/C split by group and all-gathered), dp=2 x ep=2, dp=2 x tp=2 (tensor parallel) and ep=2 x cp=2
+on 4 processes, replicated weights (--no-fsdp), activation checkpointing, CPU offload, a SIGKILL mid-run
+(asynchronous saves, --async-save) resumed on another world size and (dp, ep) layout, the export of a
 sharded checkpoint, the memory planner on an expert-parallel run, and a Hugging Face-layout model (--model DIR) and
 an unsharded run's checkpoint (--resume) read shard by shard into tp 2 and dp 2 x ep 2 models. Oracle: one process
 training the same global batch (4 sequences per step) with the tiny preset, which has MTP (2 depths), LatentMoE, the
@@ -124,7 +125,9 @@ def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_ex
     os.killpg(proc.pid, signal.SIGKILL)                                            # torchrun and its 2 workers
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "final"))                        # really killed mid-run
-    fresh, from_hf, loaded, tp2 = (str(tmp_path / n) for n in ("dp2ep2", "from_hf", "loaded", "dp2tp2"))
+    fresh, from_hf, loaded, tp2, cp2ep2 = (str(tmp_path / n) for n in ("dp2ep2", "from_hf", "loaded", "dp2tp2",
+                                                                         "cp2ep2"))
+    packed = dict(seq_len=31, no_cross_document=True)        # rows of 32 tokens, split 16 + 16 over cp
     shutil.copytree(oracle, from_hf)                  # the one-process run's step_4 (Hugging Face layout) ...
     for name in ("final", os.path.join("checkpoints", "step_6")):
         shutil.rmtree(os.path.join(from_hf, name))
@@ -132,11 +135,13 @@ def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_ex
                  dict(COMMON, out=fresh, batch_size=1, ep=2, async_save=True),
                  dict(COMMON, out=killed, batch_size=1, ep=2, resume=True),
                  dict(COMMON, out=from_hf, batch_size=1, ep=2, resume=True),     # ... resumed sharded, dp 2 x ep 2
-                 dict(COMMON, out=tp2, batch_size=2, tp=2)])     # dp 2 x tp 2: each tp pair reads the same 2 rows
+                 dict(COMMON, out=tp2, batch_size=2, tp=2),      # dp 2 x tp 2: each tp pair reads the same 2 rows
+                 dict(COMMON, out=cp2ep2, batch_size=2, ep=2, cp=2, **packed)])   # ep 2 x cp 2: 2 rows per ep rank
     assert_same_run(fresh, oracle)
     assert_same_run(killed, oracle)
     assert_same_run(from_hf, oracle)
     assert_same_run(tp2, oracle)
+    assert_same_run(cp2ep2, one_process(tmp_path / "one_packed", **packed))
     for rank in range(4):                 # 64 query features: split by heads over tp 2, then by FSDP2 over dp 2
         assert json.load(open(os.path.join(tp2, f"shapes_rank{rank}.json")))["q_proj_local"] == [16, 64]
     assert_loaded_exactly(loaded, os.path.join(oracle, "final"))         # --model DIR read shard by shard
