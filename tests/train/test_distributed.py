@@ -85,14 +85,16 @@ def assert_loaded_exactly(loaded, model_dir):
 def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tmp_path):
     sgd = one_process(tmp_path / "one")
     adam = one_process(tmp_path / "one_adam", optimizer="adamw", lr=3e-3)
-    dp2, ep2, dp2_adam, memory, ddp, loaded = (str(tmp_path / n) for n in ("dp2", "ep2", "dp2_adam", "memory", "ddp",
-                                                                           "loaded"))
+    fp4 = one_process(tmp_path / "one_fp4", precision="nvfp4")
+    dp2, ep2, dp2_adam, memory, ddp, loaded, ep2_fp4 = (str(tmp_path / n) for n in (
+        "dp2", "ep2", "dp2_adam", "memory", "ddp", "loaded", "ep2_fp4"))
     torchrun(2, [dict(MEMORY_RUN, out=memory, ep=2),              # first: its peak is the process's
                  dict(COMMON, out=dp2, batch_size=2),
                  dict(COMMON, out=loaded, model=os.path.join(sgd, "final"), tp=2, load_only=True),
                  dict(COMMON, out=ep2, batch_size=2, ep=2, act_ckpt=True),
                  dict(COMMON, out=dp2_adam, batch_size=2, optimizer="adamw", lr=3e-3, cpu_offload=True),
-                 dict(COMMON, out=ddp, batch_size=2, no_fsdp=True)])
+                 dict(COMMON, out=ddp, batch_size=2, no_fsdp=True),
+                 dict(COMMON, out=ep2_fp4, batch_size=2, ep=2, precision="nvfp4")])
     planned = planned_peak(2, 1, 2)                                 # the planner, checked as in test_plan.py
     for rank in (0, 1):
         measured = json.load(open(os.path.join(memory, f"memory_rank{rank}.json")))["peak"]
@@ -112,6 +114,9 @@ def test_fsdp_expert_parallel_and_replicated_runs_train_the_one_process_model(tm
     a, b = weights(dp2_adam), weights(adam)
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 2 * travel, k
+    # NVFP4 experts (per-expert GEMMs) under ep 2: a rank quantizes the activations of its own 2 rows with their own
+    # per-tensor scale (amax) and draws its own stochastic-rounding noise, so only a tolerance applies (measured 3e-3)
+    torch.testing.assert_close(losses(ep2_fp4), losses(fp4), rtol=0, atol=2e-2)
 
 
 def test_killed_sharded_run_resumes_on_four_ranks_with_expert_parallelism_and_exports(tmp_path):
