@@ -15,8 +15,11 @@ forked into G samples). A multi-turn environment's episode continues while the m
     4. a new request continues from the contiguous ids (ids are only ever appended; the template's prefix-stability
        is checked at every tool turn, and tests check each turn's prompt extends the previous one)
 Only the model's own tokens carry loss (loss_mask 1); the appended template / tool tokens have mask 0, logprob 0
-and version -1. The end-of-turn text the template writes after an assistant message (e.g. "<|im_end|>\n") is
-appended for what the model did not write itself, so a stop token the engine swallowed is re-created there.
+and version -1. A turn that ends on a stop token (eos, e.g. a BPE tokenizer's special <|im_end|>) keeps it, with
+its generation logprob, its version and loss mask 1: the model learns to stop. The end-of-turn text the template
+writes after an assistant message (e.g. "<|im_end|>\n") is then appended only for what the model did not write
+itself (here "\n"; decoded with skip_special_tokens=False, the special token counts as written). A byte-level model
+writes "<|im_end|>" as text (a stop string): those bytes are its tokens already.
 Episodes end when the environment says done, at `max_turns` model turns, or when the next turn would not fit the
 engine's context (finish_reason "length"); then env.score gives the reward.
 
@@ -30,8 +33,7 @@ synchronously, colocated: generate the whole batch with the current weights, the
         rollouts.update_weights([], version=step + 1) # colocated: the engine runs the trainer's model itself
 
 The SSM state stays float32 during rollouts: HybridCache allocates it so whatever the model's dtype.
-Left out: the stop token's own log-probability (the engine does not report it, so it carries no loss), partial
-rewards per turn, and a token budget across turns (max_tokens is per model turn).
+Left out: partial rewards per turn, and a token budget across turns (max_tokens is per model turn).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class Trajectory:
     prompt_ids: list[int]
     """The first turn's prompt: the task's messages through the chat template, with the generation prompt."""
     completion_ids: list[int]
-    """Every token after the prompt: the model's turns and, between them, the rendered tool turns."""
+    """Every token after the prompt: the model's turns (each with the stop token that ended it, if one did) and,
+    between them, the rendered tool turns. Decode with skip_special_tokens=False to see special tokens."""
     loss_mask: list[int]
     """Per completion token: 1 where the model generated it (it carries loss), 0 for template / tool tokens."""
     gen_logprobs: list[float]
@@ -240,7 +243,11 @@ class RolloutRunner:
 
     def _turn_done(self, ep: _Episode, result) -> None:
         ep.turns += 1
-        ep.append(result.token_ids, True, result.sampled_logprobs.tolist(), result.versions)
+        ids, logprobs, versions = list(result.token_ids), result.sampled_logprobs.tolist(), list(result.versions)
+        if result.stop_token is not None:      # the model chose to stop: that choice is trained like any other token
+            token, _, lp_sampled, version = result.stop_token
+            ids, logprobs, versions = ids + [token], logprobs + [lp_sampled], versions + [version]
+        ep.append(ids, True, logprobs, versions)
         ep.finish = result.finish_reason
         ep.routed_experts = result.routed_experts
         content, calls = result.content, []
@@ -258,8 +265,8 @@ class RolloutRunner:
         if (ep.env.multi_turn and calls and result.finish_reason == "stop" and ep.turns < self.max_turns
                 and not ep.env.done(ep.task, ep.messages)):
             replies = ep.env.respond(ep.task, calls)
-            text = tool_turn_text(self.tok, ep.messages, replies, self.tok.decode(result.token_ids), self.thinking,
-                                  ep.task.data.get("tools"))
+            written = self.tok.decode(ids, skip_special_tokens=False)       # an end-of-turn token included
+            text = tool_turn_text(self.tok, ep.messages, replies, written, self.thinking, ep.task.data.get("tools"))
             ep.messages += replies
             ep.append(self.tok.encode(text), False)
             prompt = ep.prompt_ids + ep.ids             # contiguous: every earlier id kept, the tool turn appended
