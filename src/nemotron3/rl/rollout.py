@@ -38,10 +38,11 @@ Left out: partial rewards per turn, and a token budget across turns (max_tokens 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from itertools import islice
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -104,6 +105,21 @@ class Trajectory:
         """The oldest policy version among its tokens (what the async staleness bound is checked on); None when
         the model generated no token (an immediate stop)."""
         return min((v for v in self.versions if v >= 0), default=None)
+
+    def to_dict(self) -> dict:
+        """JSON-able, for a checkpoint's rollout buffer (float logprobs survive JSON exactly); task data or messages
+        that are not JSON come back as their repr (training never reads them)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["task"] = {"messages": self.task.messages, "data": self.task.data}
+        d["routed_experts"] = None if self.routed_experts is None else self.routed_experts.tolist()
+        return json.loads(json.dumps(d, default=repr))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trajectory":
+        d = dict(d, task=Task(**d["task"]))
+        if d["routed_experts"] is not None:
+            d["routed_experts"] = torch.tensor(d["routed_experts"], dtype=torch.long)
+        return cls(**d)
 
 
 class _Episode:
@@ -337,8 +353,13 @@ class RolloutConfig:
     return_routed_experts: bool = False
     """Record the experts each token was routed to (Trajectory.routed_experts), for router replay in training."""
     num_workers: int = 1
-    """Async: rollout workers (processes or Ray actors), each with its own model copy and engine; a new task goes
-    to the one with the fewest in hand."""
+    """Async: rollout workers (processes or Ray actors), each with its own model copy and engine; task g goes to
+    worker g % num_workers (with inflight_updates: to the one with the fewest in hand)."""
+    inflight_updates: bool = False
+    """Async: apply new weights as soon as they arrive, under the sequences in flight (Super: a sequence may mix
+    versions), and start tasks at once. More overlap, but which version made each token depends on timing, so a
+    run is not reproducible bit for bit. Default (lockstep): a wave of tasks runs alone, start to end, with the
+    weights it was handed out behind."""
 
     def __post_init__(self):
         for name in ("group_size", "batch_groups", "max_tokens", "max_turns", "max_batch", "threads", "num_workers"):
@@ -405,6 +426,14 @@ class SyncRollouts:
         self.engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
         self.stats = {"tokens": 0, "seconds": 0.0, "groups": 0, "stale_dropped": 0}
         self._group = 0
+
+    def state_dict(self) -> dict:
+        """Where the task stream stands (the group id of the next task; seeded streams follow group ids)."""
+        return {"next_group": self._group}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Continue at d["next_group"]; the tasks iterator must continue at that task too."""
+        self._group = d["next_group"]
 
     def get_batch(self, version: int) -> list[list[Trajectory]]:
         t0 = time.perf_counter()
