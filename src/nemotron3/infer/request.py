@@ -156,7 +156,7 @@ class SequenceState:
         reasoning, content = split_reasoning(self.text, self.req.thinking)
         routed = None
         if self.req.return_routed_experts:
-            n_out = len(self.tokens) + (self.stop_token is not None)     # a stop token is output too: its predecessor was read
+            n_out = len(self.tokens) + (self.stop_token is not None)   # a stop token's predecessor was read
             n_read = len(self.req.prompt_ids) + max(n_out - 1, 0)
             routed = torch.cat(self.routing)[:n_read] if self.routing else None
         return Result(self.tokens, self.text, reasoning, content, self.finish or "abort", len(self.req.prompt_ids),

@@ -20,9 +20,9 @@ Two schedules, both within the staleness bound:
 - lockstep (default): the worker starts a wave only when it is idle and applies weights only between waves, so a
   wave runs alone through the engine, start to end, with the last weights queued before it. The trainer hands out
   the tasks of step s + max_age in get_batch(s), right behind the weights of version s: with the default buffer
-  every token of the batch of step s comes from version max(0, s - max_age), whatever the timing. Seeded rollout streams then make a run
-  reproducible bit for bit, and state_dict (which waits for the waves in flight and returns them) makes a resumed
-  run equal the uninterrupted one.
+  every token of the batch of step s comes from version max(0, s - max_age), whatever the timing. Seeded rollout
+  streams then make a run reproducible bit for bit, and state_dict (which waits for the waves in flight and
+  returns them) makes a resumed run equal the uninterrupted one.
 - in-flight updates (config.inflight_updates, as Super does): every message is applied between two engine steps,
   so weights change under sequences in flight (each token records the version that produced it; caches are not
   recomputed) and tasks join the running batch. More overlap; which version made which token depends on timing.
