@@ -21,7 +21,8 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of ids; eos (0) is never text, whatever skip_special_tokens (there is no other special id)."""
         return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
@@ -73,8 +74,10 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids))
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of ids; special tokens (eos, <|im_end|>, ...) are left out unless skip_special_tokens=False
+        (e.g. to see the end-of-turn token a model wrote), as transformers' decode does."""
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """ids and, for each, the index of its first character in text."""

@@ -3,6 +3,7 @@ generation log-probs; a test-local chat template (ChatBytes, plain string format
 conversation for multi-turn contiguity; the tools environment's database for the reward; the steps at which the
 test itself pushed weights for the per-token versions; hand-written expected dicts for the tool-call parser."""
 
+import copy
 import json
 from itertools import islice
 
@@ -97,6 +98,36 @@ def test_forked_group_logprobs_equal_a_full_forward_at_temperature_1():
             assert t.env == "words" and t.num_turns == 1 and t.finish_reason in ("stop", "length")
 
 
+def test_stop_token_is_in_the_trajectory_with_its_generation_logprob_version_and_loss(chat_bpe):
+    """A BPE tokenizer whose end of turn is one special token, its eos (<|im_end|>): a sample that stops on it keeps
+    it as its last completion token, with loss mask 1, the version that sampled it and its logprob. Oracle: the
+    log-softmax of a full forward of the float64 model. Text decoding leaves the special token out."""
+    tok, eos = chat_bpe, chat_bpe.eos_token_id
+    torch.manual_seed(0)
+    model = NemotronForCausalLM(from_preset("tiny", vocab_size=tok.vocab_size)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[eos] *= 12             # the random model now stops after a few tokens, or not at all
+    engine = Engine(model, tok, num_speculative_tokens=2, max_batch=8)
+    engine.update_weights([], version=5)
+    tasks = list(islice(Words().tasks("train", 0), 2))
+    trajs = [t for g in rollout(engine, tok, Words(), tasks, 4, sampling=SAMPLING, max_tokens=12) for t in g]
+    stopped = [t for t in trajs if t.finish_reason == "stop"]
+    assert 0 < len(stopped) < len(trajs)
+    ref_model = copy.deepcopy(model).double()
+    for t in trajs:
+        n = len(t.completion_ids)
+        assert t.loss_mask == [1] * n and t.versions == [5] * n
+        assert eos not in t.completion_ids[:-1] and (t.completion_ids[-1] == eos) == (t in stopped)
+        assert t in stopped or n == 12                          # max_tokens counts the output, not the stop
+        with torch.no_grad():
+            logits = ref_model(torch.tensor([t.ids])).logits[0].double()
+        ref = logits[len(t.prompt_ids) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(t.completion_ids)[:, None])
+        torch.testing.assert_close(torch.tensor(t.gen_logprobs, dtype=torch.float64), ref[:, 0], rtol=0, atol=1e-4)
+        text = tok.decode(t.completion_ids)
+        assert "<|im_end|>" not in text and text.strip().startswith(t.messages[-1]["content"])   # (torn UTF-8)
+        assert tok.decode(t.completion_ids, skip_special_tokens=False) == text + "<|im_end|>" * (t in stopped)
+
+
 def test_bf16_policy_rolls_out_with_a_float32_ssm_state():
     model = tiny_model().to(torch.bfloat16)
     engine = Engine(model, TOK, num_speculative_tokens=2, max_batch=4)
@@ -119,7 +150,7 @@ def test_versions_switch_at_the_weight_update_made_mid_generation():
     def counting_step():
         events = real_step()
         for ev in events:
-            if ev.token_id not in (None, TOK.eos_token_id):
+            if ev.token_id is not None:                    # a stop token too: it is in the trajectory
                 made[ev.request_id, ev.sample] = made.get((ev.request_id, ev.sample), 0) + 1
         return events
     engine.step = counting_step
@@ -142,11 +173,13 @@ def test_versions_switch_at_the_weight_update_made_mid_generation():
 
 # ---- multi-turn tool use -------------------------------------------------------------------------------------------
 class ScriptedEngine:
-    """Stands in for Engine: answers each request with a scripted assistant turn (bytes), fixed per-token
-    logprobs and the current version; records every prompt it was given."""
+    """Stands in for Engine: answers each request with a scripted assistant turn, fixed per-token logprobs and the
+    current version; records every prompt it was given. The turn ends as the model writes "<|im_end|>": as text
+    (a stop string, bytes) or, with stop_token, as that special token, which the engine reports apart
+    (Result.stop_token) and leaves out of token_ids and text."""
 
-    def __init__(self, script, tok):
-        self.script, self.tok = script, tok
+    def __init__(self, script, tok, stop_token=None):
+        self.script, self.tok, self.stop_token = script, tok, stop_token
         self.max_model_len, self.version = 4096, 3
         self.prompts, self.queue, self.ids = [], [], 0
 
@@ -162,15 +195,15 @@ class ScriptedEngine:
     def step(self):
         events = []
         for rid, req in self.queue:
-            prompt = self.tok.decode(req.prompt_ids)
+            prompt = self.tok.decode(req.prompt_ids, skip_special_tokens=False)
             for sample in range(req.n):
-                text = self.script(prompt, sample) + "<|im_end|>"        # the model writes its end of turn
-                ids = self.tok.encode(text)
+                content = self.script(prompt, sample)
+                ids = self.tok.encode(content if self.stop_token else content + "<|im_end|>")
                 lps = torch.tensor([-0.25 - 0.001 * j for j in range(len(ids))])
-                content = text[:text.index("<|im_end|>")]                # stop=["<|im_end|>"] cuts it from the text
+                stop = (self.stop_token, -0.5, -0.125, self.version) if self.stop_token else None
                 result = Result(ids, content, None, content.strip(), "stop", len(req.prompt_ids), request_id=rid,
                                 sample=sample, token_logprobs=lps, sampled_logprobs=lps,
-                                versions=[self.version] * len(ids))
+                                versions=[self.version] * len(ids), stop_token=stop)
                 events.append(Event(rid, sample, ids[-1], "", result))
         self.queue = []
         return events
@@ -202,10 +235,24 @@ def tools_script(prompt, sample):
     return "All done."
 
 
-def test_multi_turn_ids_stay_contiguous_and_only_model_tokens_carry_loss():
-    tok, env = ChatBytes(), ToolsEnv()
+@pytest.fixture(scope="module")
+def chat_bpe(tmp_path_factory):
+    """The test BPE tokenizer (<|im_start|>, <|im_end|> special; <|im_end|> its eos) with ChatBytes' template."""
+    from nemotron3.tokenizer import HFTokenizer
+    from tests.test_tokenizer import write_test_tokenizer
+
+    class ChatBPE(HFTokenizer):
+        apply_chat_template = ChatBytes.apply_chat_template
+    return ChatBPE(str(write_test_tokenizer(tmp_path_factory.mktemp("bpe")) / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("end", ["stop string", "special stop token"])
+def test_multi_turn_ids_stay_contiguous_and_only_model_tokens_carry_loss(end, chat_bpe):
+    """Bytes: the model writes <|im_end|> as text. BPE: it is one special token, the engine's stop token: the
+    trajectory keeps it (as the model's, loss mask 1) and appends only the template's "\n" after it."""
+    tok, env = (ChatBytes(), ToolsEnv()) if end == "stop string" else (chat_bpe, ToolsEnv())
     tasks = list(islice(env.tasks("train", 3), 3))
-    engine = ScriptedEngine(tools_script, tok)
+    engine = ScriptedEngine(tools_script, tok, None if end == "stop string" else tok.eos_token_id)
     groups = rollout(engine, tok, env, tasks, group_size=2, max_tokens=1000, stop=["<|im_end|>"])
     for task, (good, lazy) in zip(tasks, groups):
         assert (good.reward, good.num_turns, lazy.reward, lazy.num_turns) == (1.0, 3, 0.0, 1)
@@ -213,9 +260,10 @@ def test_multi_turn_ids_stay_contiguous_and_only_model_tokens_carry_loss():
         for t in (good, lazy):
             # the ids are exactly the template's rendering of the whole conversation (the closing "\n" after the
             # model's <|im_end|> included), with nothing re-tokenised
-            assert tok.decode(t.ids) == tok.apply_chat_template(t.messages, add_generation_prompt=False,
-                                                                tools=task.data["tools"]).removesuffix("\n")
-            model_text = "".join(tok.decode([i]) for i, m in zip(t.completion_ids, t.loss_mask) if m)
+            assert tok.decode(t.ids, skip_special_tokens=False) == tok.apply_chat_template(
+                t.messages, add_generation_prompt=False, tools=task.data["tools"]).removesuffix("\n")
+            model_text = "".join(tok.decode([i], skip_special_tokens=False)
+                                 for i, m in zip(t.completion_ids, t.loss_mask) if m)
             turns = [m for m in t.messages if m["role"] == "assistant"]
             assert model_text == "".join(tok.apply_chat_template([m], False)[len("<|im_start|>assistant\n"):-1]
                                          for m in turns)
@@ -223,6 +271,12 @@ def test_multi_turn_ids_stay_contiguous_and_only_model_tokens_carry_loss():
             assert all((lp, v) == (0.0, -1) for m, lp, v in runs if not m)
             assert all(lp < 0 and v == 3 for m, lp, v in runs if m)
             assert t.oldest_version == 3
+            if end == "special stop token":        # each model turn ends on it, with the logprob the engine gave
+                ends = [k for k, (i, m) in enumerate(zip(t.completion_ids, t.loss_mask)) if i == tok.eos_token_id
+                        and m]                                        # (the tool turns' own <|im_end|> have mask 0)
+                assert len(ends) == t.num_turns and all(t.gen_logprobs[k] == -0.125 for k in ends)
+                assert ends[-1] == len(t.completion_ids) - 1
+                assert "<|im_end|>" not in tok.decode(t.completion_ids)       # skipped as the special token it is
     # each turn's prompt extends the previous turn's prompt plus what the model generated
     by_prompt = {tuple(p): p for p in engine.prompts}
     for t in (t for g in groups for t in g):

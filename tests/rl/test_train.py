@@ -1,10 +1,16 @@
 """The GRPO training loop on the shared Trainer. Oracles: the uninterrupted run itself for resume (a run stopped after
-a checkpoint and resumed must give bit-identical weights and per-step metrics), the versions the loop pushed (async
-staleness: every token at most max_age versions old), the frozen tensors' values before the run (the routers get no
-gradient), and hand-written expected messages for bad command-line input."""
+a checkpoint, or an async run SIGKILLed with its rollout worker, and resumed must give bit-identical weights and
+per-step metrics), the versions the loop pushed (async staleness: every token at most max_age versions old; in
+lockstep exactly max(0, step - max_age), read from the per-token versions of the checkpointed buffer and of each
+batch), the frozen tensors' values before the run (the routers get no gradient), and hand-written expected messages
+for bad command-line input."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -73,6 +79,56 @@ def test_async_run_trains_on_tokens_at_most_max_age_versions_old(tmp_path):
     assert rows[-1]["max_age"] == 1             # the steps after the first really overlap generation and training
 
 
+ASYNC = dict(SMALL, async_rollouts=True, max_age=2, max_steps=6)
+
+
+def cli_flags(settings: dict) -> list[str]:
+    flags = []
+    for k, v in settings.items():
+        flag = "--" + k.replace("_", "-")
+        flags += [flag] if v is True else [] if v is False else [flag, str(v)]
+    return flags
+
+
+def test_killed_async_run_resumes_bit_for_bit_within_the_staleness_bound(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train_rl(GRPOConfig(out=full, **ASYNC), log=lambda *_: None)
+    # the rollout worker is a child of the run: its own process group lets the kill take both, as a crash would
+    proc = subprocess.Popen([sys.executable, "-m", "nemotron3", "rl", "--out", part] + cli_flags(ASYNC),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(part, "checkpoints", "step_2", "trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(part, "final"))                         # really killed mid-run
+
+    # the checkpointed buffer: the groups of the next max_age steps, whole, each token of version max(0, k - 2)
+    # for the batch of step k (0-based), i.e. at most max_age versions older than the step that will train on it
+    saved = sorted(int(d[5:]) for d in os.listdir(os.path.join(part, "checkpoints")) if d.startswith("step_"))
+    P, age = ASYNC["prompts_per_step"], ASYNC["max_age"]
+    for c in saved:
+        with open(os.path.join(part, "checkpoints", f"step_{c}", "trainer_state.json")) as f:
+            state = json.load(f)["data"]["rollouts"]
+        assert state["next_group"] == (c + age) * P
+        buffer = [t for g in state["buffer"] for t in g]
+        assert sorted({t["group"] for t in buffer}) == list(range(c * P, (c + age) * P))
+        for t in buffer:
+            k = t["group"] // P                                                     # the step that trains on it
+            made = [v for v, m in zip(t["versions"], t["loss_mask"]) if m]
+            assert made and all(v == max(0, k - age) for v in made) and k - made[0] <= age
+
+    train_rl(GRPOConfig(out=part, resume=True, **ASYNC), log=lambda *_: None)
+    wa = load_file(os.path.join(full, "final", "model.safetensors"))
+    wb = load_file(os.path.join(part, "final", "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert metrics(full) == metrics(part) and [r["step"] for r in metrics(full)] == list(range(1, 7))
+    for r in metrics(full):                  # the batch of metrics row `step` trained version step - 1
+        assert r["oldest_version"] == r["newest_version"] == max(0, r["step"] - 1 - age)
+        assert r["max_age"] == min(r["step"] - 1, age) and r["loss_tokens"] > 0
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--env", "nosuch"], "neither a built-in"),
     (["--env", "nosuch_module_xyz:Env"], "cannot import module"),
@@ -84,6 +140,7 @@ def test_async_run_trains_on_tokens_at_most_max_age_versions_old(tmp_path):
     (["--group-size", "1"], "needs >= 2 samples"),
     (["--grad-accum", "2"], "one micro-batch per step"),
     (["--mtp-train", "sometimes"], "use detached or frozen"),
+    (["--inflight-updates"], "needs --async"),
 ])
 def test_bad_flags_are_rejected_with_one_clear_line(tmp_path, capsys, flags, message):
     rc = cli(["rl", "--out", str(tmp_path / "x"), *flags])

@@ -1,7 +1,9 @@
 """Sync and async rollouts. Oracles: the versions the test itself pushed and the step at which it asks for a batch
-(the async staleness bound: every token's recorded version lies in [step - max_age, step]); the worker process's
-exit code and liveness for shutdown."""
+(the async staleness bound: every token's recorded version lies in [step - max_age, step]); for lockstep, a run of
+its own with other timing (and one resumed from state_dict); the worker process's exit code and liveness for
+shutdown."""
 
+import json
 import shutil
 import tempfile
 import time
@@ -56,13 +58,15 @@ def test_sync_rollouts_generate_whole_batches_with_the_current_version():
         rollouts.get_batch(version=2)
 
 
-@pytest.mark.parametrize("updates_per_batch,num_workers,max_age", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
-def test_async_rollouts_never_exceed_the_staleness_bound(updates_per_batch, num_workers, max_age):
+@pytest.mark.parametrize("updates_per_batch,num_workers,max_age,inflight", [(1, 1, 1, False), (2, 1, 1, False),
+                                                                           (1, 2, 2, False), (1, 1, 1, True)])
+def test_async_rollouts_never_exceed_the_staleness_bound(updates_per_batch, num_workers, max_age, inflight):
     """One update per batch: nothing is ever stale (by construction), with one worker or two, one batch ahead or
-    two. Two updates (a trainer taking several optimizer steps per batch): groups that got too old are dropped and
-    counted, never returned."""
+    two, in lockstep or with in-flight updates. Two updates (a trainer taking several optimizer steps per batch):
+    groups that got too old are dropped and counted, never returned."""
     model = tiny_model()
-    config = RolloutConfig(**CFG, max_trajectory_age_steps=max_age, num_workers=num_workers)
+    config = RolloutConfig(**CFG, max_trajectory_age_steps=max_age, num_workers=num_workers,
+                           inflight_updates=inflight)
     rollouts = AsyncRollouts(model.config, TOK, {"words": Words()}, config, word_tasks())
     rollouts.update_weights(policy_weights(model), version=0)
     groups, version = [], 0
@@ -88,6 +92,35 @@ def test_async_rollouts_never_exceed_the_staleness_bound(updates_per_batch, num_
     else:
         assert dropped > 0 and len(groups) + dropped == groups[-1] + 1          # each task returned or dropped
     assert rollouts.close() == 0 and not any(p.is_alive() for p in rollouts.workers.procs)
+
+
+def test_lockstep_batches_do_not_depend_on_timing_and_resume_from_state_dict():
+    """Lockstep: a fast trainer and a slow one get the same batches, token for token, and an AsyncRollouts made
+    fresh mid-run from the JSON of state_dict() (the buffer in flight, waited for) continues with them too."""
+    config = RolloutConfig(**CFG, max_trajectory_age_steps=2)
+
+    def run(pause: float, resume_at: int | None = None):
+        model, out = tiny_model(), []
+        rollouts = AsyncRollouts(model.config, TOK, {"words": Words()}, config, word_tasks())
+        rollouts.update_weights(policy_weights(model), version=0)
+        for step in range(4):
+            if step == resume_at:
+                state = json.loads(json.dumps(rollouts.state_dict()))
+                assert rollouts.close() == 0 and len(state["buffer"]) == 4 and state["next_group"] == 2 * step + 4
+                rollouts = AsyncRollouts(model.config, TOK, {"words": Words()}, config,
+                                         islice(word_tasks(), state["next_group"], None))
+                rollouts.load_state_dict(state)
+                rollouts.update_weights(policy_weights(model), version=step)
+            out += [(t.group, t.completion_ids, t.gen_logprobs, t.versions) for g in rollouts.get_batch(step)
+                    for t in g]
+            perturb(model, step)
+            time.sleep(pause)
+            rollouts.update_weights(policy_weights(model), version=step + 1)
+        assert rollouts.close() == 0
+        return out
+    fast = run(0.0)
+    assert [v for *_, vs in fast for v in vs] == [max(0, g // 2 - 2) for g, ids, _, _ in fast for _ in ids]
+    assert run(0.3, resume_at=2) == fast
 
 
 def test_async_worker_stops_cleanly_mid_generation_and_reports_errors():

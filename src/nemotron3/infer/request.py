@@ -64,13 +64,14 @@ class Result:
     top-k / top-p / min-p / penalty; 0 for greedy and forced tokens) — what RL's importance weights use."""
     versions: list[int] | None = None
     """The policy version (update_weights) that produced each output token."""
-    stop_token: tuple[int, float, float] | None = None
-    """(id, raw logprob, sampled logprob) of the stop token that ended the output (it is not in token_ids; RL
-    trains on it: the model must learn to stop). Logprobs are 0 unless the request set `logprobs`."""
+    stop_token: tuple[int, float, float, int] | None = None
+    """(id, raw logprob, sampled logprob, version) of the stop token (eos or a stop_token_ids entry) that ended the
+    output. It is not in token_ids nor in text, but RL trains on it (the model must learn to stop), so its
+    logprobs and policy version are kept. Logprobs are 0 unless the request set `logprobs`."""
     routed_experts: torch.Tensor | None = None
     """With return_routed_experts: (prompt + output - 1 positions, MoE layers, top-k) expert ids, the routing of
-    every token the model read (prompt, then each output token but the last), in the order of the main model's
-    MoE layers."""
+    every token the model read (prompt, then each output token but the last; the stop token, when one ended the
+    output, counts as its last token), in the order of the main model's MoE layers."""
     error: str | None = None
 
 
@@ -121,7 +122,7 @@ class SequenceState:
         if self.grammar is not None:
             self.grammar.advance(token)
         if token in self.stops:                   # a stop token is not part of the output, nor its logprob
-            self.finish, self.stop_token = "stop", (token, lp_raw, lp_sampled)
+            self.finish, self.stop_token = "stop", (token, lp_raw, lp_sampled, version)
         else:
             self.tokens.append(token)
             self.lp_raw.append(lp_raw)
@@ -155,7 +156,8 @@ class SequenceState:
         reasoning, content = split_reasoning(self.text, self.req.thinking)
         routed = None
         if self.req.return_routed_experts:
-            n_read = len(self.req.prompt_ids) + max(len(self.tokens) - 1, 0)
+            n_out = len(self.tokens) + (self.stop_token is not None)   # a stop token's predecessor was read
+            n_read = len(self.req.prompt_ids) + max(n_out - 1, 0)
             routed = torch.cat(self.routing)[:n_read] if self.routing else None
         return Result(self.tokens, self.text, reasoning, content, self.finish or "abort", len(self.req.prompt_ids),
                       self.logprobs, bool(self.budget_state and self.budget_state.forced), self.rid, self.sample,

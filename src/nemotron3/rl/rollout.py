@@ -15,8 +15,11 @@ forked into G samples). A multi-turn environment's episode continues while the m
     4. a new request continues from the contiguous ids (ids are only ever appended; the template's prefix-stability
        is checked at every tool turn, and tests check each turn's prompt extends the previous one)
 Only the model's own tokens carry loss (loss_mask 1); the appended template / tool tokens have mask 0, logprob 0
-and version -1. The end-of-turn text the template writes after an assistant message (e.g. "<|im_end|>\n") is
-appended for what the model did not write itself, so a stop token the engine swallowed is re-created there.
+and version -1. A turn that ends on a stop token (eos, e.g. a BPE tokenizer's special <|im_end|>) keeps it, with
+its generation logprob, its version and loss mask 1: the model learns to stop. The end-of-turn text the template
+writes after an assistant message (e.g. "<|im_end|>\n") is then appended only for what the model did not write
+itself (here "\n"; decoded with skip_special_tokens=False, the special token counts as written). A byte-level model
+writes "<|im_end|>" as text (a stop string): those bytes are its tokens already.
 Episodes end when the environment says done, at `max_turns` model turns, or when the next turn would not fit the
 engine's context (finish_reason "length"); then env.score gives the reward.
 
@@ -30,16 +33,16 @@ synchronously, colocated: generate the whole batch with the current weights, the
         rollouts.update_weights([], version=step + 1) # colocated: the engine runs the trainer's model itself
 
 The SSM state stays float32 during rollouts: HybridCache allocates it so whatever the model's dtype.
-Left out: the stop token's own log-probability (the engine does not report it, so it carries no loss), partial
-rewards per turn, and a token budget across turns (max_tokens is per model turn).
+Left out: partial rewards per turn, and a token budget across turns (max_tokens is per model turn).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from itertools import islice
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -56,7 +59,8 @@ class Trajectory:
     prompt_ids: list[int]
     """The first turn's prompt: the task's messages through the chat template, with the generation prompt."""
     completion_ids: list[int]
-    """Every token after the prompt: the model's turns and, between them, the rendered tool turns."""
+    """Every token after the prompt: the model's turns (each with the stop token that ended it, if one did) and,
+    between them, the rendered tool turns. Decode with skip_special_tokens=False to see special tokens."""
     loss_mask: list[int]
     """Per completion token: 1 where the model generated it (it carries loss), 0 for template / tool tokens."""
     gen_logprobs: list[float]
@@ -101,6 +105,21 @@ class Trajectory:
         """The oldest policy version among its tokens (what the async staleness bound is checked on); None when
         the model generated no token (an immediate stop)."""
         return min((v for v in self.versions if v >= 0), default=None)
+
+    def to_dict(self) -> dict:
+        """JSON-able, for a checkpoint's rollout buffer (float logprobs survive JSON exactly); task data or messages
+        that are not JSON come back as their repr (training never reads them)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["task"] = {"messages": self.task.messages, "data": self.task.data}
+        d["routed_experts"] = None if self.routed_experts is None else self.routed_experts.tolist()
+        return json.loads(json.dumps(d, default=repr))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trajectory":
+        d = dict(d, task=Task(**d["task"]))
+        if d["routed_experts"] is not None:
+            d["routed_experts"] = torch.tensor(d["routed_experts"], dtype=torch.long)
+        return cls(**d)
 
 
 class _Episode:
@@ -240,7 +259,11 @@ class RolloutRunner:
 
     def _turn_done(self, ep: _Episode, result) -> None:
         ep.turns += 1
-        ep.append(result.token_ids, True, result.sampled_logprobs.tolist(), result.versions)
+        ids, logprobs, versions = list(result.token_ids), result.sampled_logprobs.tolist(), list(result.versions)
+        if result.stop_token is not None:      # the model chose to stop: that choice is trained like any other token
+            token, _, lp_sampled, version = result.stop_token
+            ids, logprobs, versions = ids + [token], logprobs + [lp_sampled], versions + [version]
+        ep.append(ids, True, logprobs, versions)
         ep.finish = result.finish_reason
         ep.routed_experts = result.routed_experts
         content, calls = result.content, []
@@ -258,8 +281,8 @@ class RolloutRunner:
         if (ep.env.multi_turn and calls and result.finish_reason == "stop" and ep.turns < self.max_turns
                 and not ep.env.done(ep.task, ep.messages)):
             replies = ep.env.respond(ep.task, calls)
-            text = tool_turn_text(self.tok, ep.messages, replies, self.tok.decode(result.token_ids), self.thinking,
-                                  ep.task.data.get("tools"))
+            written = self.tok.decode(ids, skip_special_tokens=False)       # an end-of-turn token included
+            text = tool_turn_text(self.tok, ep.messages, replies, written, self.thinking, ep.task.data.get("tools"))
             ep.messages += replies
             ep.append(self.tok.encode(text), False)
             prompt = ep.prompt_ids + ep.ids             # contiguous: every earlier id kept, the tool turn appended
@@ -330,8 +353,13 @@ class RolloutConfig:
     return_routed_experts: bool = False
     """Record the experts each token was routed to (Trajectory.routed_experts), for router replay in training."""
     num_workers: int = 1
-    """Async: rollout workers (processes or Ray actors), each with its own model copy and engine; a new task goes
-    to the one with the fewest in hand."""
+    """Async: rollout workers (processes or Ray actors), each with its own model copy and engine; task g goes to
+    worker g % num_workers (with inflight_updates: to the one with the fewest in hand)."""
+    inflight_updates: bool = False
+    """Async: apply new weights as soon as they arrive, under the sequences in flight (Super: a sequence may mix
+    versions), and start tasks at once. More overlap, but which version made each token depends on timing, so a
+    run is not reproducible bit for bit. Default (lockstep): a wave of tasks runs alone, start to end, with the
+    weights it was handed out behind."""
 
     def __post_init__(self):
         for name in ("group_size", "batch_groups", "max_tokens", "max_turns", "max_batch", "threads", "num_workers"):
@@ -398,6 +426,14 @@ class SyncRollouts:
         self.engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
         self.stats = {"tokens": 0, "seconds": 0.0, "groups": 0, "stale_dropped": 0}
         self._group = 0
+
+    def state_dict(self) -> dict:
+        """Where the task stream stands (the group id of the next task; seeded streams follow group ids)."""
+        return {"next_group": self._group}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Continue at d["next_group"]; the tasks iterator must continue at that task too."""
+        self._group = d["next_group"]
 
     def get_batch(self, version: int) -> list[list[Trajectory]]:
         t0 = time.perf_counter()

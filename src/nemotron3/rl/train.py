@@ -10,8 +10,8 @@ and plots are the Trainer's.
 One step s (the model has had s updates; Nano: one gradient step per rollout batch, so pi_old = pi_theta):
     1. push the weights, version s, to the rollout side (sync: the engine runs the trainer's own model, only the
        version moves; async: (name, tensor) pairs to the worker processes, AsyncRollouts)
-    2. take prompts_per_step groups of G trajectories (sync: generated now; async: generated while step s-1
-       trained, every token at most max_age versions old)
+    2. take prompts_per_step groups of G trajectories (sync: generated now; async: generated while the steps
+       before trained, every token at most max_age versions old)
     3. recompute log pi_theta(o_t) of every sampled token with one forward (router replay: with the experts the
        engine routed each token to), advantages per group (leave-one-out, std-normalised), grpo_loss with the
        train/inference importance correction (none | tis | mask) and the sequence filter; one optimizer step.
@@ -22,8 +22,13 @@ backbone's hidden states, the embeddings and the LM head detached (the policy gr
 Batches come from the curriculum (curriculum.py): fixed environment ratios, tasks drawn by a Gaussian over pass rate
 when --profile-samples > 0 profiles the starting model (else uniformly). The curriculum batch of step s is a function
 of (seed, s), and seeded rollout streams are functions of (seed, group, sample, turn), so a sync run resumed from a
-checkpoint is bit for bit the uninterrupted run (the pass rates travel in the checkpoint). An async run resumes at the
-right step and task, but regenerates its buffer (what was in flight depends on timing anyway).
+checkpoint is bit for bit the uninterrupted run (the pass rates travel in the checkpoint). So is an async run: by
+default its rollouts run in lockstep waves (the batch of step s is generated whole by version max(0, s - max_age)
+while the steps before it train, whatever the timing), and a checkpoint waits for the waves in flight and stores
+them (the buffer) with the next task's number. --inflight-updates instead pushes weights under the sequences in
+flight, as Super does (a sequence may mix versions, each token records its own): more overlap, but timing decides
+which version made each token, so such a run is neither reproducible nor resumed bit for bit (its buffer is stored
+all the same; staleness stays bounded by --max-age either way).
 Left out: several gradient steps per rollout batch (pi_old != pi_theta), the k3 KL to a reference (no reference
 model is kept; grpo_loss has it), micro-batching a step's rollouts (--grad-accum 1: advantages need whole groups).
 """
@@ -82,6 +87,10 @@ class GRPOConfig(TrainerConfig):
     """--async: rollout workers generate the next batches while the trainer steps (Super); else sync (Nano)."""
     max_age: int = 1
     """Async: a trajectory is used only if its tokens are at most this many policy versions old."""
+    inflight_updates: bool = False
+    """Async: push new weights under the sequences in flight (Super; a sequence may mix versions). More overlap,
+    but timing decides which version made each token: runs and resumes are not bit-exact. Default: lockstep (the
+    rollouts of step s are generated whole by version s - max_age while the steps before train)."""
     rollout_dtype: str = "float32"
     """Async: the rollout worker's weights, float32 or bfloat16 (a source of train/inference mismatch)."""
     is_correction: str = "mask"
@@ -149,6 +158,8 @@ class GRPOConfig(TrainerConfig):
             raise ValueError(f"--rollout-dtype {self.rollout_dtype}: use float32 or bfloat16.")
         if self.rollout_dtype != "float32" and not self.async_rollouts:
             raise ValueError("--rollout-dtype bfloat16 needs --async (sync rollouts run the trainer's own model).")
+        if self.inflight_updates and not self.async_rollouts:
+            raise ValueError("--inflight-updates needs --async (sync rollouts never overlap training).")
         if self.temperature <= 0:
             raise ValueError(f"--temperature {self.temperature}: RL samples; use a temperature > 0 (1.0).")
         if self.prompts_per_step > self.task_pool:
@@ -200,7 +211,8 @@ class GRPOConfig(TrainerConfig):
                              seed=self.seed, thinking=self.thinking, stop=self.stop_strings(),
                              num_speculative_tokens=self.speculative_tokens,
                              max_batch=max(64, self.group_size), max_trajectory_age_steps=self.max_age,
-                             return_routed_experts=self.router_replay, dtype=self.rollout_dtype)
+                             return_routed_experts=self.router_replay, dtype=self.rollout_dtype,
+                             inflight_updates=self.inflight_updates)
 
 
 def load_envs(cfg: GRPOConfig) -> dict:
@@ -282,35 +294,40 @@ class GRPOLoss:
 
 
 class CurriculumTasks:
-    """(environment name, Task) items: curriculum batch s, then s + 1, ..., from a start step."""
+    """(environment name, Task) items: curriculum batch 0, 1, ... back to back, from task number `start` on (task
+    g, the rollouts' group g, is item g % prompts of batch g // prompts)."""
 
-    def __init__(self, curriculum: Curriculum, prompts: int, start_step: int):
-        self.curriculum, self.prompts, self.step = curriculum, prompts, start_step
+    def __init__(self, curriculum: Curriculum, prompts: int, start: int = 0):
+        self.curriculum, self.prompts, self.start = curriculum, prompts, start
 
     def __iter__(self):
+        step, skip = divmod(self.start, self.prompts)
         while True:
-            yield from self.curriculum.batch(self.step, self.prompts)
-            self.step += 1
+            yield from self.curriculum.batch(step, self.prompts)[skip:]
+            step, skip = step + 1, 0
 
 
 class RolloutBatches:
     """The Trainer's data: one rollout batch per step as batch_tensors (plus routed_experts with router replay and
     stat_* scalars); before each batch it pushes the model's weights with their version. Resumable: state_dict
-    holds the step and the curriculum's pass rates."""
+    holds the step, the curriculum's pass rates and the rollouts' state (the next task; async: the buffer, the
+    groups generated for the next max_age steps, waited for and stored whole)."""
 
     def __init__(self, cfg: GRPOConfig, model, tokenizer, envs: dict, log=print):
         self.cfg, self.model, self.tok, self.envs, self.log = cfg, model, tokenizer, envs, log
-        self.step, self.rollouts, self.pass_rates = 0, None, None
+        self.step, self.rollouts, self.pass_rates, self.rollouts_state = 0, None, None, None
         self.t_start = time.perf_counter()
 
     def __iter__(self):
         return self
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "pass_rates": self.pass_rates}
+        rollouts = self.rollouts.state_dict() if self.rollouts is not None else self.rollouts_state
+        return {"step": self.step, "pass_rates": self.pass_rates, "rollouts": rollouts}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.pass_rates = d["step"], d["pass_rates"]
+        self.rollouts_state = d.get("rollouts")        # None from older runs: the tasks of `step` on, no buffer
 
     def _start(self) -> None:
         cfg = self.cfg
@@ -323,14 +340,15 @@ class RolloutBatches:
         ratios = dict(zip(self.envs, cfg.weights()))
         curriculum = Curriculum(pools, CurriculumConfig(ratios=ratios, total_steps=cfg.max_steps, seed=cfg.seed),
                                 self.pass_rates)
-        tasks = CurriculumTasks(curriculum, cfg.prompts_per_step, self.step)
+        state = self.rollouts_state or {"next_group": self.step * cfg.prompts_per_step}
+        tasks = iter(CurriculumTasks(curriculum, cfg.prompts_per_step, state["next_group"]))
         rc = cfg.rollout_config()
         if cfg.async_rollouts:
             from .workers import AsyncRollouts
-            self.rollouts = AsyncRollouts(self.model.config, self.tok, self.envs, rc, iter(tasks))
+            self.rollouts = AsyncRollouts(self.model.config, self.tok, self.envs, rc, tasks)
         else:
-            self.rollouts = SyncRollouts(self.model, self.tok, self.envs, rc, iter(tasks))
-            self.rollouts._group = self.step * cfg.prompts_per_step        # seeded streams follow the group ids
+            self.rollouts = SyncRollouts(self.model, self.tok, self.envs, rc, tasks)
+        self.rollouts.load_state_dict(state)                   # seeded streams follow the group ids
 
     def __next__(self) -> dict:
         if self.rollouts is None:
@@ -372,7 +390,7 @@ def replay_tensor(groups, shape, config) -> torch.Tensor:
 
 def rollout_stats(groups, batch, version: int, rollout_s: float, wall_s: float, engine) -> dict:
     """stat_* scalars of one batch: mean reward and pass rate (reward >= 1) per environment, response lengths,
-    truncation share, the age of the oldest token, MTP acceptance (sync), timings."""
+    truncation share, the age of the oldest token and the oldest / newest version, MTP acceptance (sync), timings."""
     trajs = [t for g in groups for t in g]
     s: dict[str, float] = {}
     for env in sorted({t.env for t in trajs}):
@@ -385,6 +403,8 @@ def rollout_stats(groups, batch, version: int, rollout_s: float, wall_s: float, 
     s["truncated_frac"] = float(batch["truncated"].float().mean())
     versions = batch["versions"][batch["loss_mask"].bool()]
     s["max_age"] = float(version - versions.min()) if versions.numel() else 0.0
+    s["oldest_version"] = float(versions.min()) if versions.numel() else float(version)
+    s["newest_version"] = float(versions.max()) if versions.numel() else float(version)
     s["rollout_s"], s["wall_s"] = rollout_s, wall_s
     s["rollout_tokens_per_s"] = sum(lengths) / max(rollout_s, 1e-9)
     if engine is not None and engine.K_max:

@@ -1,6 +1,6 @@
-"""Asynchronous rollouts (Nemotron 3 Super §3.2.4): rollout workers generate continuously into a bounded buffer
-while the trainer steps; new weights are pushed in flight; a trajectory is used only if its tokens are at most
-`max_trajectory_age_steps` policy versions old. The same calls as SyncRollouts (rl/rollout.py):
+"""Asynchronous rollouts (Nemotron 3 Super §3.2.4): rollout workers generate the next batches while the trainer
+steps; a trajectory is used only if its tokens are at most `max_trajectory_age_steps` policy versions old. The same
+calls as SyncRollouts (rl/rollout.py):
 
     rollouts = AsyncRollouts(model.config, tokenizer, envs, config, tasks)      # workers start (spawned processes)
     rollouts.update_weights(policy_weights(model), version=0)
@@ -11,13 +11,21 @@ while the trainer steps; new weights are pushed in flight; a trajectory is used 
     rollouts.close()
 
 Protocol. The trainer talks to a worker over two FIFO queues. To the worker: ("weights", version, packed (name,
-tensor) pairs: one flat CPU tensor per dtype, see pack_weights), ("task", group, env, task), ("stop",). From it:
-("group", [Trajectory]), ("error", traceback), ("stopped", stats). The worker applies every message between two
-engine steps, so weights change under sequences in flight (each token records the version that produced it;
-caches are not recomputed, as in Super).
+tensor) pairs: one flat CPU tensor per dtype, see pack_weights), ("tasks", [(group, env, task), ...]): a wave of
+at most batch_groups tasks, ("stop",). From it: ("group", [Trajectory]), ("error", traceback), ("stopped", stats).
 The buffer is bounded by credits: the trainer hands out at most buffer_groups tasks it has not consumed yet, and
-one more for each group it takes. The worker starts a group only when a task arrives, so it idles (still applying
-weights) when the buffer is full. Groups are consumed in task order; one that finishes early waits in the buffer.
+one more for each group it takes. Groups are consumed in task order; one that finishes early waits in the buffer.
+
+Two schedules, both within the staleness bound:
+- lockstep (default): the worker starts a wave only when it is idle and applies weights only between waves, so a
+  wave runs alone through the engine, start to end, with the last weights queued before it. The trainer hands out
+  the tasks of step s + max_age in get_batch(s), right behind the weights of version s: with the default buffer
+  every token of the batch of step s comes from version max(0, s - max_age), whatever the timing. Seeded rollout
+  streams then make a run reproducible bit for bit, and state_dict (which waits for the waves in flight and
+  returns them) makes a resumed run equal the uninterrupted one.
+- in-flight updates (config.inflight_updates, as Super does): every message is applied between two engine steps,
+  so weights change under sequences in flight (each token records the version that produced it; caches are not
+  recomputed) and tasks join the running batch. More overlap; which version made which token depends on timing.
 Staleness by construction: a task handed out by get_batch(s) travels behind the weights of version s (one FIFO
 queue), so all its tokens have version >= s; with buffer_groups <= max_age * batch_groups and batch_groups taken
 per step in task order, it is consumed by step s + max_age at the latest. So no group is ever too old and no
@@ -26,20 +34,22 @@ per batch), get_batch drops a group that got too old, counts it (stats["stale_dr
 for it; it never trains on it.
 
 The Ray backend runs the same worker loop inside a Ray actor (one machine or many); `pip install nemotron3[ray]`.
-With num_workers > 1 every worker gets every weights message, a task goes to the worker with the fewest in hand,
-and the argument above holds per queue unchanged.
+With num_workers > 1 every worker gets every weights message, task g goes to worker g % num_workers (in-flight:
+to the worker with the fewest in hand), and the argument above holds per queue unchanged.
 Left out: placing workers on different GPUs (all use config.device), NCCL weight broadcast (weights travel as CPU
 tensors through shared memory), partial groups.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
+from itertools import islice
 
 import torch
 
@@ -72,32 +82,37 @@ def unpack_weights(packed) -> list[tuple[str, torch.Tensor]]:
 # ---- the async worker ---------------------------------------------------------------------------------------------
 def worker_loop(model_config, tokenizer, envs: dict, config: RolloutConfig, get, put) -> None:
     """The rollout worker: builds its own model and engine on the first weights message, then alternates between
-    applying control messages (get(block) -> message or None) and engine steps, putting finished groups (put)."""
+    control messages (get(block) -> message or None) and engine steps, putting finished groups (put). Lockstep:
+    messages that arrive while a wave is in flight wait in `pending` until it is done (a stop never waits)."""
     torch.set_num_threads(config.threads)
     try:
         from nemotron3 import NemotronForCausalLM
         envs = environments(envs)
         engine = runner = None
+        pending: deque = deque()
         while True:
-            msg = get(runner is None or not runner.busy())
+            busy = runner is not None and runner.busy()
+            msg = get(not busy and not pending)
             while msg is not None:
-                kind = msg[0]
-                if kind == "stop":
-                    if runner is not None:
-                        runner.abort()
-                    put(("stopped", {"version": engine.version if engine else None}))
-                    return
-                if kind == "weights":
+                pending.append(msg)
+                msg = get(False)
+            if any(m[0] == "stop" for m in pending):
+                if runner is not None:
+                    runner.abort()
+                put(("stopped", {"version": engine.version if engine else None}))
+                return
+            while pending and (config.inflight_updates or runner is None or not runner.busy()):
+                msg = pending.popleft()
+                if msg[0] == "weights":
                     if engine is None:
                         model = NemotronForCausalLM(model_config).to(config.device, getattr(torch, config.dtype))
                         model.eval()
                         engine = Engine(model, tokenizer, config.num_speculative_tokens, max_batch=config.max_batch)
                         runner = runner_for(engine, tokenizer, config)
                     engine.update_weights(unpack_weights(msg[2]), msg[1])
-                elif kind == "task":
-                    _, group, env_name, task = msg
-                    runner.add_group(env_for(envs, env_name), task, config.group_size, group)
-                msg = get(False)
+                elif msg[0] == "tasks":
+                    for group, env_name, task in msg[1]:
+                        runner.add_group(env_for(envs, env_name), task, config.group_size, group)
             if runner is not None and runner.busy():
                 for group in runner.step():
                     put(("group", group))
@@ -106,11 +121,19 @@ def worker_loop(model_config, tokenizer, envs: dict, config: RolloutConfig, get,
 
 
 def _process_main(model_config, tokenizer, envs, config, control, out) -> None:
+    import multiprocessing
+    parent = multiprocessing.parent_process()
+
     def get(block):
-        try:
-            return control.get(block=block, timeout=None if block else 0)
-        except queue.Empty:
-            return None
+        while True:
+            try:
+                return control.get(block=block, timeout=1.0 if block else None)
+            except queue.Empty:
+                if not block:
+                    return None
+                if parent is not None and not parent.is_alive():     # the trainer was killed: nobody will read
+                    out.cancel_join_thread()
+                    os._exit(0)
     worker_loop(model_config, tokenizer, envs, config, get, out.put)
 
 
@@ -263,17 +286,25 @@ class AsyncRollouts:
         self.version = version
 
     def _send_tasks(self, n: int) -> None:
-        for _ in range(n):
-            item = next(self.tasks, None)
-            if item is None:
-                return
+        """Hand out the next n tasks (fewer when the iterator runs out) in waves of at most batch_groups."""
+        items = []
+        for item in islice(self.tasks, n):
             env_for(self.envs, item[0])
-            i = min(range(len(self.in_hand)), key=self.in_hand.__getitem__)    # the least busy worker
-            self.workers.send(i, ("task", self._group, item[0], item[1]))
-            self.in_hand[i] += 1
-            self.owner[self._group] = i
-            self.sent.append(self._group)
+            items.append((self._group, *item))
             self._group += 1
+        workers = len(self.in_hand)
+        for start in range(0, len(items), self.config.batch_groups):
+            waves = [[] for _ in range(workers)]
+            for task in items[start:start + self.config.batch_groups]:
+                i = (min(range(workers), key=self.in_hand.__getitem__) if self.config.inflight_updates
+                     else task[0] % workers)              # lockstep: not the timing of replies, the group id
+                waves[i].append(task)
+                self.in_hand[i] += 1
+                self.owner[task[0]] = i
+                self.sent.append(task[0])
+            for i, wave in enumerate(waves):
+                if wave:
+                    self.workers.send(i, ("tasks", wave))
 
     def _receive(self, timeout: float) -> None:
         msg = self.workers.recv(timeout)
@@ -323,6 +354,29 @@ class AsyncRollouts:
             self.stats["tokens"] += sum(t.num_generated for t in g)
         self.stats["groups"] += len(batch)
         return batch
+
+    def state_dict(self) -> dict:
+        """JSON-able state for exact resume: waits for every group handed out (they need no newer weights than
+        those already pushed), then returns them with the count of tasks handed out. A fresh AsyncRollouts whose
+        tasks iterator continues at task `next_group` and that loads it returns the same batches as this one."""
+        t0 = time.perf_counter()
+        while any(g not in self.done for g in self.sent):
+            if time.perf_counter() - t0 > self.timeout_s:
+                raise RuntimeError(f"the rollout buffer did not finish within {self.timeout_s:.0f} s; raise "
+                                   f"timeout_s or lower max_tokens / batch_groups.")
+            self._receive(timeout=1.0)
+        return {"next_group": self._group, "handed_out": self._credits_given,
+                "buffer": [[t.to_dict() for t in self.done[g]] for g in self.sent]}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Before the first get_batch: continue from a state_dict (a state without "buffer", as SyncRollouts
+        writes, starts at its next_group with an empty buffer)."""
+        if self.sent or self._credits_given:
+            raise ValueError("load_state_dict must come before the first get_batch.")
+        groups = [[Trajectory.from_dict(t) for t in g] for g in d.get("buffer", [])]
+        self._group, self._credits_given = d["next_group"], d.get("handed_out", False)
+        self.sent = deque(g[0].group for g in groups)
+        self.done = {g[0].group: g for g in groups}
 
     def close(self, timeout: float = 30.0) -> int | None:
         """Stop the workers (their sequences in flight are aborted) and wait for them; returns 0 when all exited
