@@ -168,3 +168,35 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tiny, monkeypatch):
 def test_not_a_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         NemotronForCausalLM.from_pretrained(tmp_path / "nope")
+
+
+def test_draft_vocabulary_is_saved_loaded_and_used_by_default(tiny, tmp_path):
+    from nemotron3.infer import Engine
+    tiny, _ = tiny
+    tiny.draft_vocab = torch.tensor([5, 1, 9])
+    try:
+        tiny.save_pretrained(tmp_path / "m")
+    finally:
+        tiny.draft_vocab = None
+    assert json.load(open(tmp_path / "m" / "draft_vocab.json")) == [5, 1, 9]
+    back = NemotronForCausalLM.from_pretrained(tmp_path / "m")
+    assert back.draft_vocab.tolist() == [5, 1, 9]
+    assert Engine(back).draft_vocab.tolist() == [5, 1, 9] and Engine(back, draft_vocab=None).draft_vocab is None
+    tiny.save_pretrained(tmp_path / "m")                  # saved again without one: the old file does not linger
+    assert NemotronForCausalLM.from_pretrained(tmp_path / "m").draft_vocab is None
+    (tmp_path / "m" / "draft_vocab.json").write_text("[1, 9999]")
+    with pytest.raises(CheckpointError, match="draft_vocab.json"):
+        NemotronForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def test_training_saves_the_most_frequent_tokens_as_the_draft_vocabulary(tmp_path):
+    from nemotron3.train.pretrain import TrainConfig, train
+    from nemotron3.train.data import builtin_tokens
+    from nemotron3.tokenizer import ByteTokenizer
+    cfg = from_preset("tiny", vocab_size=2048)                 # a vocabulary large enough for a draft vocabulary
+    out = train(TrainConfig(out=str(tmp_path), max_steps=2, save_every=2, eval_every=2, seq_len=32, batch_size=2,
+                            train_tokens=5_000), log=lambda *_: None, model_config=cfg)
+    saved = json.load(open(os.path.join(out, "draft_vocab.json")))
+    counts = torch.bincount(torch.as_tensor(builtin_tokens(ByteTokenizer(), 5_000, 0, "train")), minlength=2048)
+    assert sorted(saved) == sorted(torch.nonzero(counts).flatten().tolist())         # every seen byte, none other
+    assert [int(counts[t]) for t in saved] == sorted(counts[counts > 0].tolist(), reverse=True)

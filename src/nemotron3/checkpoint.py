@@ -10,6 +10,10 @@ leaves a half-written checkpoint. Loading never unpickles: safetensors only. A c
 or wrongly shaped tensors fails with the list of offending names; a truncated or corrupt file fails naming the file.
 A sharded model (FSDP2 / expert / tensor parallel under torchrun) is filled by load_into_shards instead: every rank
 reads only the boxes of the tensors its shards cover (safetensors get_slice), never the whole model.
+
+Next to the weights, draft_vocab.json (optional) holds the model's draft vocabulary for speculative decoding: the
+ids of the most frequent tokens of its training data, most frequent first (training writes it; the inference
+engine's MTP drafter then scores only those tokens). Saved from and loaded into `model.draft_vocab`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .config import NemotronConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+DRAFT_VOCAB_NAME = "draft_vocab.json"
 _FUSED = re.compile(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -95,6 +100,9 @@ def save_pretrained(model, save_dir, max_shard_size="5GB", state_dict: dict | No
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
         model.config.save_json(os.path.join(tmp, "config.json"), dtype=dtype, torch_dtype=dtype)
+        if getattr(model, "draft_vocab", None) is not None:
+            with open(os.path.join(tmp, DRAFT_VOCAB_NAME), "w") as f:
+                json.dump(model.draft_vocab.tolist(), f)
         _swap_in(tmp, save_dir)
     finally:
         if os.path.exists(tmp):
@@ -106,7 +114,7 @@ def _swap_in(tmp: str, save_dir: str) -> None:
     a README) are carried over; the old weights are removed only after the new ones are in place."""
     if os.path.isdir(save_dir):
         for name in os.listdir(save_dir):
-            is_model_file = name.endswith(".safetensors") or name in (INDEX_NAME, "config.json")
+            is_model_file = name.endswith(".safetensors") or name in (INDEX_NAME, "config.json", DRAFT_VOCAB_NAME)
             if not is_model_file and not os.path.exists(os.path.join(tmp, name)):
                 src = os.path.join(save_dir, name)
                 (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
@@ -258,7 +266,24 @@ def load_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=N
                 module.register_buffer(name, torch.zeros_like(buf, device=device or "cpu"), persistent=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
+    model.draft_vocab = _read_draft_vocab(ckpt_dir, config.vocab_size)
     return model.eval()
+
+
+def _read_draft_vocab(ckpt_dir: str, vocab_size: int) -> torch.Tensor | None:
+    path = os.path.join(ckpt_dir, DRAFT_VOCAB_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            ids = torch.tensor(json.load(f), dtype=torch.long)
+    except (json.JSONDecodeError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a JSON list of token ids ({e}); delete it (drafting then scores the "
+                              f"whole vocabulary) or rewrite it.") from None
+    if ids.dim() != 1 or not len(ids) or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise CheckpointError(f"{path} must list token ids in [0, {vocab_size}) (vocab_size); delete it or "
+                              f"rewrite it.")
+    return ids
 
 
 def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:

@@ -38,7 +38,9 @@ def test_speculative_greedy_equals_plain_greedy(trained, K):
     assert torch.equal(trained.generate(ids, 30, num_speculative_tokens=K), trained.generate(ids, 30))
 
 
-def test_speculative_sampling_keeps_the_distribution():
+@pytest.mark.parametrize("draft_vocab", [None, torch.tensor([6, 0, 3, 5])])
+def test_speculative_sampling_keeps_the_distribution(draft_vocab):
+    """Also with a draft vocabulary: the drafter's q is 0 outside it, and the accept rule keeps p exactly."""
     model = random_model(3, vocab_size=8)
     with torch.no_grad():
         model.lm_head.weight.mul_(4)                    # drafts get accepted and rejected
@@ -47,14 +49,61 @@ def test_speculative_sampling_keeps_the_distribution():
         p1 = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
         exact = torch.stack([p1[a] * model(torch.tensor([prompt + [a]])).logits[0, -1].softmax(-1) for a in range(8)])
     n, counts = 2000, torch.zeros(8, 8)
-    engine = Engine(model, None, num_speculative_tokens=2)
+    engine = Engine(model, None, num_speculative_tokens=2, draft_vocab=draft_vocab)
+    drafted = []
+    model.draft_logits = lambda h, vocab=None: drafted.append(vocab) or type(model).draft_logits(model, h, vocab)
     for batch in range(n // 250):                   # batched rows with their own seeds: the batch rule is exact too
         for r in engine.generate([Request(prompt, 2, SamplingParams(temperature=1.0, seed=batch * 250 + s))
                                   for s in range(250)]):
             counts[r.token_ids[0], r.token_ids[1]] += 1
     tv = 0.5 * (counts / n - exact).abs().sum()
+    assert drafted and all(v is draft_vocab or torch.equal(v, draft_vocab) for v in drafted)
+    if draft_vocab is not None:                   # tokens outside it were sampled: only through the residual
+        assert counts[[t for t in range(8) if t not in draft_vocab]].sum() > 0.1 * n
     assert 0.1 < engine.acceptance()[0] < 0.95                      # both branches of the accept rule ran
     assert tv < 0.08, f"total variation {tv:.3f} between speculative samples and the model's distribution"
+
+
+def test_draft_vocabulary_changes_the_drafts_not_the_greedy_output(trained):
+    """FR-Spec: the drafter picks among the draft vocabulary's tokens only (the argmax of the full LM head's logits
+    restricted to them), and verification by the whole model keeps the greedy output token for token."""
+    corpus = torch.tensor(TOK.encode(" ".join(PROMPTS) * 3 + "the and of to in is it that"))
+    vocab = torch.bincount(corpus, minlength=256).argsort(descending=True)[:20]      # 20 frequent bytes
+    reqs = [Request(TOK.encode(p), max_tokens=24) for p in PROMPTS]
+    plain = [r.token_ids for r in Engine(trained, TOK).generate(reqs)]
+    full = Engine(trained, TOK, num_speculative_tokens=2, draft_vocab=None)
+    assert [r.token_ids for r in full.generate(reqs)] == plain
+    drafts, inner = [], trained.mtp_draft
+    trained.mtp_draft = lambda h, cache, K, v=None: drafts.append((h, inner(h, cache, K, v))) or drafts[-1][1]
+    try:
+        sub = Engine(trained, TOK, num_speculative_tokens=2, draft_vocab=vocab)
+        assert [r.token_ids for r in sub.generate(reqs)] == plain
+    finally:
+        del trained.mtp_draft
+    assert sub.acceptance() != full.acceptance()                         # the drafts changed
+    for h, d in drafts:                  # the first draft: argmax of lm_head(h) over the vocabulary, in float64
+        logits = h[:, -1].double() @ trained.lm_head.weight.double().T
+        assert torch.equal(d[:, 0], vocab[logits[:, vocab].argmax(-1)])
+        assert torch.isin(d, vocab).all()
+    h = torch.randn(3, 2, trained.config.hidden_size)
+    ref = (h.double() @ trained.lm_head.weight.double().T).masked_fill(~torch.isin(torch.arange(256), vocab),
+                                                                        float("-inf"))
+    torch.testing.assert_close(trained.draft_logits(h, vocab).double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="draft_vocab"):
+        Engine(trained, TOK, 2, draft_vocab=torch.tensor([1, 1, 300]))
+
+
+def test_frequent_tokens_are_the_most_frequent_seen_ids():
+    from collections import Counter
+    from nemotron3.infer.speculative import frequent_tokens
+    g = torch.Generator().manual_seed(0)
+    ids = (torch.randn(20_000, generator=g).abs() * 300).long().clamp(max=4095)        # skewed to small ids
+    top = frequent_tokens(ids.numpy(), 4096, n=100)
+    ranked = [t for t, _ in sorted(Counter(ids.tolist()).items(), key=lambda kv: (-kv[1], kv[0]))]
+    assert top.tolist() == ranked[:100]
+    assert len(ranked) < 2048 and frequent_tokens(ids, 4096, n=4000).tolist() == ranked     # unseen ids left out
+    assert frequent_tokens(torch.arange(256), 256) is None                # a byte vocabulary: no draft vocabulary
+    assert frequent_tokens(torch.arange(4096), 4096, n=3000) is None       # over half the vocabulary: no gain
 
 
 def _reference_probs(logits, seen, p: SamplingParams):

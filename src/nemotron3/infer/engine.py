@@ -26,6 +26,11 @@ Speculative round (MTP heads as the drafter), each row accepting its own number 
     5. catch the MTP cache up on the kept positions (teacher-forced, as in training); its last output drafts next.
 Speculation is used only where it pays: `num_speculative_tokens` may be a dict {max batch size: K} (e.g.
 {1: 3, 4: 2, 8: 0}); the K of the smallest key >= the live batch size applies, 0 = plain decoding.
+Draft vocabulary (FR-Spec): the drafter scores only `draft_vocab`'s tokens (the LM head's rows of them, gathered
+once), which makes a draft step cheaper where the LM head is a large part of it; verification scores the whole
+vocabulary, so the output is unchanged (speculative.py). By default ("auto") the engine takes the checkpoint's
+(`model.draft_vocab`: the most frequent tokens of the training data, saved by training as draft_vocab.json; none
+for vocabularies under 1024 tokens, e.g. the byte tokenizer's, where it does not pay); None drafts over all tokens.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class _Prefill:
 
 class Engine:
     def __init__(self, model, tokenizer=None, num_speculative_tokens: int | dict = 0, prefill_chunk: int = 512,
-                 max_batch: int = 32, max_model_len: int | None = None):
+                 max_batch: int = 32, max_model_len: int | None = None, draft_vocab="auto"):
         spec = num_speculative_tokens if isinstance(num_speculative_tokens, dict) else {max_batch: num_speculative_tokens}
         if any(not isinstance(k, int) or k < 0 for k in spec.values()) or any(b < 1 for b in spec):
             raise ValueError(f"num_speculative_tokens={num_speculative_tokens!r} must be an integer >= 0 (0 = plain "
@@ -67,6 +72,7 @@ class Engine:
         if not isinstance(max_batch, int) or max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch={max_batch!r} and prefill_chunk={prefill_chunk!r} must be positive integers.")
         self.model, self.tok, self.chunk, self.max_batch = model, tokenizer or IdsOnly(), prefill_chunk, max_batch
+        self.draft_vocab = self._check_draft_vocab(model, draft_vocab)
         self.spec_by_batch = sorted(spec.items())
         self.K_max = max(spec.values())
         self.max_model_len = max_model_len or model.config.max_position_embeddings
@@ -81,6 +87,20 @@ class Engine:
         self._finished: list[Event] = []
         self._params_dirty = True
         self.reset_stats()
+
+    @staticmethod
+    def _check_draft_vocab(model, draft_vocab) -> torch.Tensor | None:
+        if isinstance(draft_vocab, str) and draft_vocab == "auto":
+            draft_vocab = getattr(model, "draft_vocab", None)
+        if draft_vocab is None:
+            return None
+        V = model.config.vocab_size
+        if (not isinstance(draft_vocab, torch.Tensor) or draft_vocab.dim() != 1 or draft_vocab.is_floating_point()
+                or not len(draft_vocab) or int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= V
+                or len(draft_vocab.unique()) != len(draft_vocab)):
+            raise ValueError(f"draft_vocab must be None, 'auto' or a 1-D integer tensor of distinct token ids in "
+                             f"[0, {V}) (e.g. infer.speculative.frequent_tokens(corpus_ids, {V})).")
+        return draft_vocab.long().to(model.lm_head.weight.device)
 
     # ---- public API -----------------------------------------------------------------------------------------------
     def reset_stats(self):
@@ -386,7 +406,7 @@ class Engine:
         start_mtp = mtp.pos.clone()
         ahead = [[] for _ in range(b)] if any(s.grammar is not None for s in self.rows) else None
         if self.plain_greedy:                  # argmax drafts: all K in one (compiled) call, no distributions
-            drafts, qs, seens, seen = model.mtp_draft(self.draft_h, mtp, K), None, None, None
+            drafts, qs, seens, seen = model.mtp_draft(self.draft_h, mtp, K, self.draft_vocab), None, None, None
         else:
             drafts, qs, seens, seen = self._draft_sampled(mtp, K, u, ahead)
         # 2. verify [t0, d1..dK] in one forward, keeping the Mamba states after each token
@@ -423,8 +443,9 @@ class Engine:
         start_mtp = mtp.pos.clone()                      # the draft steps' entries are temporary
         saved = {i: (mtp.conv[i].clone(), mtp.ssm[i].clone()) for i in mtp.ssm}
         h, drafts, qs, seens = self.draft_h, [], [], []
+        vocab = self.draft_vocab if ahead is None else None     # a grammar may allow no token of the draft vocabulary
         for j in range(1, K + 1):
-            logits_q = model.lm_head(h[:, -1:]).float()                         # (b, 1, V)
+            logits_q = model.draft_logits(h[:, -1:], vocab)                     # (b, 1, V); -inf outside vocab
             if ahead is not None:                     # drafts follow the grammar too (after the drafts before them)
                 logits_q = logits_q.masked_fill(~self._grammar_masks(self.rows, [[a] for a in ahead]), float("-inf"))
             seens.append(None if seen is None else seen[:, None])

@@ -11,6 +11,11 @@ processors):
 The emitted tokens d_1..d_n, c are distributed exactly as n + 1 tokens sampled from p one by one. Greedy rows pass
 one-hot p and q (argmax), which makes the same rule "accept while the draft equals the target's argmax, then emit
 the target's argmax". Forced tokens (a reasoning budget closing the thought) are one-hot p rows too.
+
+Draft vocabulary (FR-Spec, Zhao et al. 2025, arXiv 2502.14856): the drafter may score only the N most frequent
+tokens (frequent_tokens; the LM head's rows of those ids, gathered once). Its q is then 0 outside them, which the
+rule above already handles (such a token is never drafted; the residual max(p - q, 0) keeps its whole p), so the
+output is unchanged: greedy exactly, sampling in distribution. Only the share of accepted drafts can drop.
 """
 
 from __future__ import annotations
@@ -18,6 +23,34 @@ from __future__ import annotations
 import torch
 
 from .sampling import draw
+
+# Default size of a draft vocabulary: a quarter of the vocabulary (FR-Spec drafts over 32k of Llama-3's 128k).
+DRAFT_VOCAB_SHARE = 0.25
+# Below this vocabulary size no draft vocabulary is made: the LM head is too small a part of a draft step to
+# gain (measured in bench/decode_speed.py: the byte-vocabulary demo model, V=256, gains nothing).
+MIN_DRAFT_VOCAB_SOURCE = 1024
+# Tokens counted for frequent_tokens (a corpus prefix; counts of the most frequent ids settle long before).
+MAX_COUNTED_TOKENS = 50_000_000
+
+
+def frequent_tokens(token_ids, vocab_size: int, n: int | None = None) -> torch.Tensor | None:
+    """The draft vocabulary of a corpus: its n most frequent token ids (LongTensor, most frequent first; ids never
+    seen are left out), from token_ids (a 1-D tensor or array of a training corpus's ids; its first
+    MAX_COUNTED_TOKENS are counted). n defaults to DRAFT_VOCAB_SHARE of vocab_size. Returns None where drafting
+    over it would not pay: a vocabulary under MIN_DRAFT_VOCAB_SOURCE, or a result over half the vocabulary."""
+    if vocab_size < MIN_DRAFT_VOCAB_SOURCE:
+        return None
+    n = int(vocab_size * DRAFT_VOCAB_SHARE) if n is None else n
+    if n < 1:
+        raise ValueError(f"a draft vocabulary needs n >= 1 tokens, got {n}.")
+    ids = torch.as_tensor(token_ids[:MAX_COUNTED_TOKENS]).long().reshape(-1)
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size); got [{int(ids.min())}, "
+                         f"{int(ids.max())}].")
+    counts = torch.bincount(ids, minlength=vocab_size)
+    order = counts.argsort(descending=True, stable=True)[:n]
+    order = order[counts[order] > 0]
+    return order if 0 < len(order) <= vocab_size // 2 else None
 
 
 def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor,

@@ -175,6 +175,9 @@ class NemotronForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
         self._compiled_decode = self._compiled_mtp = self._compiled_draft = None
+        self._cpp_wrapper = False
+        self.draft_vocab: torch.Tensor | None = None   # the MTP drafter's default vocabulary (checkpoint.py saves it)
+        self._draft_head: tuple | None = None          # (key, lm_head rows of a draft vocabulary), gathered once
 
     # ---- initialisation, as transformers' NemotronHPreTrainedModel._init_weights ----
     def _init_weights(self, module):
@@ -363,24 +366,28 @@ class NemotronForCausalLM(nn.Module):
         h = self.backbone.norm_f(h)
         return self.lm_head(h).float(), h, mamba_states or {}
 
-    def compile_decode(self, enable: bool = True) -> "NemotronForCausalLM":
+    def compile_decode(self, enable: bool = True, cpp_wrapper: bool = False) -> "NemotronForCausalLM":
         """torch.compile decode_step (one graph per batch size, token count, cache size; a few seconds each): fuses
         the step's hundreds of small ops. forward() then uses it for every cached call of up to COMPILED_MAX_TOKENS
         unpadded tokens (decode steps and speculative verify passes), mtp_step its MTP twin (the MTP cache's
         catch-up) and mtp_draft the K greedy drafts of a speculative round (one graph per K).
-        Idempotent; enable=False goes back to eager.
+        cpp_wrapper: inductor's C++ wrapper around the generated kernels (opt-in: less Python per call, a few
+        percent faster per step on CPU, but a cold compile takes about a minute instead of seconds).
+        Idempotent; enable=False goes back to eager (and a call with another cpp_wrapper recompiles).
         Returns self."""
-        if not enable:
+        if not enable or self._cpp_wrapper != cpp_wrapper:
             self._compiled_decode = self._compiled_mtp = self._compiled_draft = None
-        elif self._compiled_decode is None:
+        if enable and self._compiled_decode is None:
+            self._cpp_wrapper = cpp_wrapper
+            compile_fn = functools.partial(torch.compile, dynamic=False,
+                                           options={"cpp_wrapper": True} if cpp_wrapper else None)
             # one graph per (model, batch size, tokens per step, cache length, MTP depth): far more than dynamo's
             # default of 8 per function, past which it silently runs the step eagerly (slower than no compile)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            self._compiled_decode = torch.compile(self.decode_step, dynamic=False)
+            self._compiled_decode = compile_fn(self.decode_step)
             if self.mtp is not None:
-                self._compiled_mtp = torch.compile(self.mtp_decode_step, dynamic=False)
-                self._compiled_draft = torch.compile(functools.partial(self.mtp_draft_step, compiled=True),
-                                                 dynamic=False)
+                self._compiled_mtp = compile_fn(self.mtp_decode_step)
+                self._compiled_draft = compile_fn(functools.partial(self.mtp_draft_step, compiled=True))
         return self
 
     @property
@@ -420,28 +427,58 @@ class NemotronForCausalLM(nn.Module):
         out = self.mtp.step_static(depth, h, self.backbone.embeddings(next_ids), states, pos, mamba_states)
         return out, mamba_states or {}
 
-    def mtp_draft(self, h: torch.Tensor, cache: HybridCache, K: int) -> torch.Tensor:
+    def mtp_draft(self, h: torch.Tensor, cache: HybridCache, K: int, vocab: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         """K greedy drafts in one call: h (b, 1, d) is MTP depth 1's output at each row's last verified position
-        (it predicts the token after the next), `cache` the include_mtp cache holding that position. Returns drafts
-        (b, K); the cache keeps its state and positions (the verify pass decides what the MTP cache keeps)."""
+        (it predicts the token after the next), `cache` the include_mtp cache holding that position. vocab: a
+        draft vocabulary (LongTensor of token ids) to draft from, or None for the whole vocabulary. Returns drafts
+        (b, K) (full token ids); the cache keeps its state and positions (the verify pass decides what the MTP cache
+        keeps)."""
         pos = cache.reserve(K - 1)                                    # room for the K-1 draft steps' K/V
         states = {layer.layer_idx: cache.layer_state(layer.layer_idx) for layer in self.mtp.layers}
         use_compiled = self._compiled_draft is not None and cache.valid is None
-        return (self._compiled_draft if use_compiled else self.mtp_draft_step)(h, pos, states, K)
+        head = None if vocab is None else self.draft_head(vocab)
+        return (self._compiled_draft if use_compiled else self.mtp_draft_step)(h, pos, states, K, head, vocab)
 
-    def mtp_draft_step(self, h: torch.Tensor, pos: torch.Tensor, states: dict, K: int, compiled: bool = False
+    def draft_head(self, vocab: torch.Tensor) -> torch.Tensor:
+        """The LM head's rows of a draft vocabulary (N, d), gathered once per vocabulary and weight version (an
+        in-place weight update, e.g. Engine.update_weights, gathers them again)."""
+        w = self.lm_head.weight
+        key = (id(vocab), vocab.data_ptr(), len(vocab), w.data_ptr(), w._version)
+        if self._draft_head is None or self._draft_head[0] != key:
+            self._draft_head = (key, w[vocab].contiguous())
+        return self._draft_head[1]
+
+    def draft_logits(self, h: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """The drafter's logits (..., V) float32 at hidden states h (an MTP depth's output); with a draft vocabulary
+        only its tokens are scored and every other token gets -inf (probability 0 after any sampling processor)."""
+        if vocab is None:
+            return self.lm_head(h).float()
+        sub = F.linear(h, self.draft_head(vocab)).float()
+        out = sub.new_full((*sub.shape[:-1], self.config.vocab_size), float("-inf"))
+        return out.index_copy_(-1, vocab, sub)
+
+    def mtp_draft_step(self, h: torch.Tensor, pos: torch.Tensor, states: dict, K: int,
+                       head: torch.Tensor | None = None, vocab: torch.Tensor | None = None, compiled: bool = False
                        ) -> torch.Tensor:
         """mtp_draft's static-shape body (what compile_decode compiles): LM head, argmax and the MTP steps of all
         K drafts in one graph, so a round pays one call instead of 2K - 1:
             d_1 = argmax lm_head(h^1);   h^j = MTP_j(h^{j-1}, d_{j-1}) at pos + j - 2,   d_j = argmax lm_head(h^j)
-        Mamba layers step copies of their states; attention writes K/V past the verified prefix, which is never
-        read (masked by position) and is overwritten by the MTP cache's catch-up on the same positions."""
+        head: None (the LM head), or its rows of the draft vocabulary `vocab` (the argmax over those rows is mapped
+        back to a token id). Mamba layers step copies of their states; attention writes K/V past the
+        verified prefix, which is never read (masked by position) and is overwritten by the MTP cache's catch-up
+        on the same positions."""
         states = {i: tuple(t.clone() for t in s) if len(s) == 2 else s for i, s in states.items()}   # Mamba: copies
-        drafts = [self.lm_head(h[:, -1]).float().argmax(-1)]                                      # (b,)
+
+        def pick(h):                                                                              # (b,) token ids
+            if head is None:
+                return self.lm_head(h[:, -1]).float().argmax(-1)
+            return vocab[F.linear(h[:, -1], head).float().argmax(-1)]
+        drafts = [pick(h)]
         for j in range(2, K + 1):
             h = self.mtp.step_static(j, h, self.backbone.embeddings(drafts[-1][:, None]), states, pos + (j - 2),
                                      compiled=compiled)
-            drafts.append(self.lm_head(h[:, -1]).float().argmax(-1))
+            drafts.append(pick(h))
         return torch.stack(drafts, 1)                                                             # (b, K)
 
     # ---- checkpoints ----

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import from_preset
+from ..infer.speculative import frequent_tokens
 from ..model import NemotronForCausalLM
 from ..quant import apply_recipe, explain
 from .data import PackedWindows, ResumableSampler, builtin_tokens, document_position_ids, load_token_file, \
@@ -135,6 +136,8 @@ def train(cfg: TrainConfig, log=None, model_config=None) -> str:
     if cfg.mix:
         return _train_mix(cfg, model, tokenizer, dp_rank, dp_size, log)
     train_w, eval_w = build_data(cfg, tokenizer)
+    if model.mtp is not None:      # the MTP drafter's vocabulary at inference, saved with the model (None: all)
+        model.draft_vocab = frequent_tokens(train_w.tokens, model.config.vocab_size)
     sampler = ResumableSampler(len(train_w), cfg.batch_size, seed=cfg.seed, rank=dp_rank, world_size=dp_size)
     eos = tokenizer.eos_token_id if cfg.no_cross_document else None
     trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log)
