@@ -90,7 +90,7 @@ class GRPOConfig(TrainerConfig):
     inflight_updates: bool = False
     """Async: push new weights under the sequences in flight (Super; a sequence may mix versions). More overlap,
     but timing decides which version made each token: runs and resumes are not bit-exact. Default: lockstep (the
-    rollouts of step s are generated whole by version s - max_age while the steps before train)."""
+    rollouts of step s are generated whole by version max(0, s - max_age) while the steps before train)."""
     rollout_dtype: str = "float32"
     """Async: the rollout worker's weights, float32 or bfloat16 (a source of train/inference mismatch)."""
     is_correction: str = "mask"
