@@ -100,8 +100,9 @@ def test_forked_group_logprobs_equal_a_full_forward_at_temperature_1():
 
 def test_stop_token_is_in_the_trajectory_with_its_generation_logprob_version_and_loss(chat_bpe):
     """A BPE tokenizer whose end of turn is one special token, its eos (<|im_end|>): a sample that stops on it keeps
-    it as its last completion token, with loss mask 1, the version that sampled it and its logprob. Oracle: the
-    log-softmax of a full forward of the float64 model. Text decoding leaves the special token out."""
+    it as its last completion token, with loss mask 1, the version that sampled it and its logprob, and the routing
+    of the token before it (router replay). Oracles: the log-softmax of a full forward of the float64 model, the
+    routing of a full forward. Text decoding leaves the special token out."""
     tok, eos = chat_bpe, chat_bpe.eos_token_id
     torch.manual_seed(0)
     model = NemotronForCausalLM(from_preset("tiny", vocab_size=tok.vocab_size)).eval()
@@ -110,7 +111,8 @@ def test_stop_token_is_in_the_trajectory_with_its_generation_logprob_version_and
     engine = Engine(model, tok, num_speculative_tokens=2, max_batch=8)
     engine.update_weights([], version=5)
     tasks = list(islice(Words().tasks("train", 0), 2))
-    trajs = [t for g in rollout(engine, tok, Words(), tasks, 4, sampling=SAMPLING, max_tokens=12) for t in g]
+    runner = RolloutRunner(engine, tok, sampling=SAMPLING, max_tokens=12, return_routed_experts=True)
+    trajs = [t for g in runner.run([Words()] * 2, tasks, 4) for t in g]
     stopped = [t for t in trajs if t.finish_reason == "stop"]
     assert 0 < len(stopped) < len(trajs)
     ref_model = copy.deepcopy(model).double()
@@ -123,6 +125,10 @@ def test_stop_token_is_in_the_trajectory_with_its_generation_logprob_version_and
             logits = ref_model(torch.tensor([t.ids])).logits[0].double()
         ref = logits[len(t.prompt_ids) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(t.completion_ids)[:, None])
         torch.testing.assert_close(torch.tensor(t.gen_logprobs, dtype=torch.float64), ref[:, 0], rtol=0, atol=1e-4)
+        with torch.no_grad():             # router replay: the routing of every token read, the stop's predecessor too
+            router = model(torch.tensor([t.ids[:-1]]), return_router=True).router
+        own = torch.stack([router[i].ids_TK for i in sorted(router) if i < model.config.num_hidden_layers], 1)
+        assert torch.equal(t.routed_experts.sort(-1).values, own.sort(-1).values)
         text = tok.decode(t.completion_ids)
         assert "<|im_end|>" not in text and text.strip().startswith(t.messages[-1]["content"])   # (torn UTF-8)
         assert tok.decode(t.completion_ids, skip_special_tokens=False) == text + "<|im_end|>" * (t in stopped)
