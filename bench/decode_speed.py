@@ -7,7 +7,10 @@ acceptance per position, for two models.
 
 The models: the demo's tiny hybrid (M*ME-M*E, LatentMoE, one "*E" MTP block) and the `small` preset (11M, d=256)
 with one "*E" MTP block, both trained briefly on the built-in corpus with the MTP loss, so their MTP heads draft
-real text; prompts are held-out built-in documents. Every configuration generates the same number of tokens (no eos
+real text; prompts are held-out built-in documents. Speculative rows use the checkpoint's draft vocabulary where it
+has one (FR-Spec: the drafter scores only the training data's most frequent tokens; training saves them for
+vocabularies of 1024+ tokens, so `small`, V=8192, has one and the byte-vocabulary demo has none); one more row per
+batch size drafts over the whole vocabulary (K=2) for comparison. Every configuration generates the same number of tokens (no eos
 stop) and must produce the plain decoding's tokens (greedy). fp32, 2 threads (--threads). The "auto" row is the
 engine's default speculation-by-batch-size rule (nemotron3.infer.engine.SPECULATION_BY_BATCH). Writes
 bench/results/decode_speed.json and .png.
@@ -48,8 +51,8 @@ def prompts(n: int, length: int) -> list[list[int]]:
     return [toks[i * (length + 50):i * (length + 50) + length] for i in range(n)]
 
 
-def time_ours(model, batch, new, K) -> tuple[float, list]:
-    engine = Engine(model, None, num_speculative_tokens=K, max_batch=len(batch))
+def time_ours(model, batch, new, K, draft_vocab="auto") -> tuple[float, list]:
+    engine = Engine(model, None, num_speculative_tokens=K, max_batch=len(batch), draft_vocab=draft_vocab)
     reqs = [Request(p, new) for p in batch]
     engine.generate(reqs)                                                 # warm-up (and compilation, if any)
     best = 0.0
@@ -90,9 +93,13 @@ def bench_model(name, path, args) -> list[dict]:
         comp_tps, _, out = time_ours(model, batch, args.new_tokens, 0)
         rows.append(base | dict(method="ours, plain, compiled", tok_s=comp_tps, vs_transformers=comp_tps / hf_tps,
                                 vs_plain_compiled=1.0, same_tokens=out == plain_out))
-        for K in args.ks:
-            tps, acc, out = time_ours(model, batch, args.new_tokens, K)
-            rows.append(base | dict(method=f"ours, speculative K={K}, compiled", tok_s=tps,
+        dv = model.draft_vocab
+        variants = [(K, "auto", f"draft vocab {len(dv)}, " if dv is not None else "") for K in args.ks]
+        if dv is not None:
+            variants.append((2, None, "full-vocab drafts, "))
+        for K, vocab, label in variants:
+            tps, acc, out = time_ours(model, batch, args.new_tokens, K, vocab)
+            rows.append(base | dict(method=f"ours, speculative K={K}, {label}compiled", tok_s=tps,
                                     vs_transformers=tps / hf_tps, vs_plain_compiled=tps / comp_tps,
                                     acceptance=[round(a, 3) for a in acc], same_tokens=out == plain_out))
         tps, acc, out = time_ours(model, batch, args.new_tokens, SPECULATION_BY_BATCH)
@@ -100,7 +107,7 @@ def bench_model(name, path, args) -> list[dict]:
                                        f"compiled", tok_s=tps, vs_transformers=tps / hf_tps,
                                 vs_plain_compiled=tps / comp_tps, acceptance=[round(a, 3) for a in acc],
                                 same_tokens=out == plain_out))
-        for r in rows[-len(args.ks) - 4:]:
+        for r in rows[-len(variants) - 4:]:
             print(r, flush=True)
     model.compile_decode(False)
     return rows
