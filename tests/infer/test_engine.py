@@ -106,6 +106,26 @@ def test_frequent_tokens_are_the_most_frequent_seen_ids():
     assert frequent_tokens(torch.arange(4096), 4096, n=3000) is None       # over half the vocabulary: no gain
 
 
+def test_frequent_tokens_read_a_token_file_without_a_warning(tmp_path, monkeypatch):
+    """A training corpus is a read-only uint16 memmap (train/data.py): counted in place, chunk by chunk, with no
+    warning about non-writable arrays, and the same ranking as a plain count."""
+    import warnings
+    from collections import Counter
+    import numpy as np
+    from nemotron3.infer import speculative
+    g = np.random.default_rng(0)
+    ids = np.minimum(np.abs(g.standard_normal(30_000)) * 300, 4095).astype(np.uint16)
+    ids.tofile(tmp_path / "tokens.bin")
+    memmap = np.memmap(tmp_path / "tokens.bin", dtype=np.uint16, mode="r")
+    ranked = [t for t, _ in sorted(Counter(ids.tolist()).items(), key=lambda kv: (-kv[1], kv[0]))]
+    monkeypatch.setattr(speculative, "_COUNT_CHUNK", 7_000)                  # several chunks, the last partial
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert speculative.frequent_tokens(memmap, 4096, n=50).tolist() == ranked[:50]
+    with pytest.raises(ValueError, match=r"\[0, 4096\)"):
+        speculative.frequent_tokens(np.array([3, 5000]), 4096)
+
+
 def _reference_probs(logits, seen, p: SamplingParams):
     """float64, written from the definitions, one token at a time."""
     l = [float(v) for v in logits]
