@@ -254,3 +254,19 @@ def test_chunked_prefill_changes_nothing(trained, K):
     reqs = [Request(TOK.encode("The quick brown fox jumps over the lazy dog. " * 2), 16), Request(TOK.encode("a"), 16)]
     whole = [r.token_ids for r in Engine(trained, TOK, K, prefill_chunk=512).generate(reqs)]
     assert [r.token_ids for r in Engine(trained, TOK, K, prefill_chunk=16).generate(reqs)] == whole
+
+
+def test_draft_vocabulary_with_weights_made_under_inference_mode():
+    """A model built (or loaded) under torch.inference_mode() has inference tensors as weights, which keep no
+    version counter: drafting over a draft vocabulary still runs, greedy output equals plain decoding, and new
+    weights pushed by update_weights reach the drafter's gathered LM-head rows (oracle: the new rows themselves)."""
+    with torch.inference_mode():
+        model = random_model(1)
+    vocab = torch.tensor([3, 0, 7, 101, 32, 200])
+    reqs = [Request(TOK.encode(p), max_tokens=12) for p in PROMPTS]
+    plain = [r.token_ids for r in Engine(model, TOK).generate(reqs)]
+    engine = Engine(model, TOK, num_speculative_tokens=2, draft_vocab=vocab)
+    assert [r.token_ids for r in engine.generate(reqs)] == plain
+    new_head = torch.randn_like(model.lm_head.weight)
+    engine.update_weights([("lm_head.weight", new_head)])
+    assert torch.equal(model.draft_head(vocab), new_head[vocab])
