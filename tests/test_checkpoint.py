@@ -184,9 +184,10 @@ def test_draft_vocabulary_is_saved_loaded_and_used_by_default(tiny, tmp_path):
     assert Engine(back).draft_vocab.tolist() == [5, 1, 9] and Engine(back, draft_vocab=None).draft_vocab is None
     tiny.save_pretrained(tmp_path / "m")                  # saved again without one: the old file does not linger
     assert NemotronForCausalLM.from_pretrained(tmp_path / "m").draft_vocab is None
-    (tmp_path / "m" / "draft_vocab.json").write_text("[1, 9999]")
-    with pytest.raises(CheckpointError, match="draft_vocab.json"):
-        NemotronForCausalLM.from_pretrained(tmp_path / "m")
+    for bad in ("[1, 9999]", "[4, 2, 4]", "[1.5]", "{"):       # out of range, a repeat, not an id, not JSON
+        (tmp_path / "m" / "draft_vocab.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="draft_vocab.json"):
+            NemotronForCausalLM.from_pretrained(tmp_path / "m")
 
 
 def test_training_saves_the_most_frequent_tokens_as_the_draft_vocabulary(tmp_path):

@@ -239,6 +239,7 @@ def load_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=N
         raise FileNotFoundError(f"{ckpt_dir} is not a directory. Pass a directory holding config.json and "
                                 f"*.safetensors (weights cannot be downloaded here: copy them locally first).")
     config = NemotronConfig.from_json_file(ckpt_dir)
+    draft_vocab = read_draft_vocab(ckpt_dir, config.vocab_size)          # a bad file fails before the weights load
     tensors = from_disk_names(_read_tensors(_shard_files(ckpt_dir)), config.n_routed_experts)
     # Small models are built on the CPU with initialisation skipped (uninitialised memory that the checkpoint then
     # replaces): the meta device's first use imports torch's decompositions, seconds of a CLI's start-up. Large ones
@@ -266,24 +267,27 @@ def load_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=N
                 module.register_buffer(name, torch.zeros_like(buf, device=device or "cpu"), persistent=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
-    model.draft_vocab = _read_draft_vocab(ckpt_dir, config.vocab_size)
+    model.draft_vocab = draft_vocab
     return model.eval()
 
 
-def _read_draft_vocab(ckpt_dir: str, vocab_size: int) -> torch.Tensor | None:
+def read_draft_vocab(ckpt_dir: str, vocab_size: int) -> torch.Tensor | None:
+    """The draft vocabulary saved in ckpt_dir (draft_vocab.json: distinct token ids in [0, vocab_size)), or None
+    when there is none; a malformed file fails naming it."""
     path = os.path.join(ckpt_dir, DRAFT_VOCAB_NAME)
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
-            ids = torch.tensor(json.load(f), dtype=torch.long)
-    except (json.JSONDecodeError, TypeError, ValueError, RuntimeError) as e:
+            ids = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not a JSON list of token ids ({e}); delete it (drafting then scores the "
                               f"whole vocabulary) or rewrite it.") from None
-    if ids.dim() != 1 or not len(ids) or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-        raise CheckpointError(f"{path} must list token ids in [0, {vocab_size}) (vocab_size); delete it or "
-                              f"rewrite it.")
-    return ids
+    if (not isinstance(ids, list) or not ids or len(set(ids)) != len(ids)
+            or not all(type(i) is int and 0 <= i < vocab_size for i in ids)):
+        raise CheckpointError(f"{path} must list distinct integer token ids in [0, {vocab_size}) (vocab_size); "
+                              f"delete it (drafting then scores the whole vocabulary) or rewrite it.")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:

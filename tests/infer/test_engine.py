@@ -106,6 +106,26 @@ def test_frequent_tokens_are_the_most_frequent_seen_ids():
     assert frequent_tokens(torch.arange(4096), 4096, n=3000) is None       # over half the vocabulary: no gain
 
 
+def test_frequent_tokens_read_a_token_file_without_a_warning(tmp_path, monkeypatch):
+    """A training corpus is a read-only uint16 memmap (train/data.py): counted in place, chunk by chunk, with no
+    warning about non-writable arrays, and the same ranking as a plain count."""
+    import warnings
+    from collections import Counter
+    import numpy as np
+    from nemotron3.infer import speculative
+    g = np.random.default_rng(0)
+    ids = np.minimum(np.abs(g.standard_normal(30_000)) * 300, 4095).astype(np.uint16)
+    ids.tofile(tmp_path / "tokens.bin")
+    memmap = np.memmap(tmp_path / "tokens.bin", dtype=np.uint16, mode="r")
+    ranked = [t for t, _ in sorted(Counter(ids.tolist()).items(), key=lambda kv: (-kv[1], kv[0]))]
+    monkeypatch.setattr(speculative, "_COUNT_CHUNK", 7_000)                  # several chunks, the last partial
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert speculative.frequent_tokens(memmap, 4096, n=50).tolist() == ranked[:50]
+    with pytest.raises(ValueError, match=r"\[0, 4096\)"):
+        speculative.frequent_tokens(np.array([3, 5000]), 4096)
+
+
 def _reference_probs(logits, seen, p: SamplingParams):
     """float64, written from the definitions, one token at a time."""
     l = [float(v) for v in logits]
@@ -234,3 +254,19 @@ def test_chunked_prefill_changes_nothing(trained, K):
     reqs = [Request(TOK.encode("The quick brown fox jumps over the lazy dog. " * 2), 16), Request(TOK.encode("a"), 16)]
     whole = [r.token_ids for r in Engine(trained, TOK, K, prefill_chunk=512).generate(reqs)]
     assert [r.token_ids for r in Engine(trained, TOK, K, prefill_chunk=16).generate(reqs)] == whole
+
+
+def test_draft_vocabulary_with_weights_made_under_inference_mode():
+    """A model built (or loaded) under torch.inference_mode() has inference tensors as weights, which keep no
+    version counter: drafting over a draft vocabulary still runs, greedy output equals plain decoding, and new
+    weights pushed by update_weights reach the drafter's gathered LM-head rows (oracle: the new rows themselves)."""
+    with torch.inference_mode():
+        model = random_model(1)
+    vocab = torch.tensor([3, 0, 7, 101, 32, 200])
+    reqs = [Request(TOK.encode(p), max_tokens=12) for p in PROMPTS]
+    plain = [r.token_ids for r in Engine(model, TOK).generate(reqs)]
+    engine = Engine(model, TOK, num_speculative_tokens=2, draft_vocab=vocab)
+    assert [r.token_ids for r in engine.generate(reqs)] == plain
+    new_head = torch.randn_like(model.lm_head.weight)
+    engine.update_weights([("lm_head.weight", new_head)])
+    assert torch.equal(model.draft_head(vocab), new_head[vocab])

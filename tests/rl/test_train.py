@@ -146,3 +146,26 @@ def test_bad_flags_are_rejected_with_one_clear_line(tmp_path, capsys, flags, mes
     rc = cli(["rl", "--out", str(tmp_path / "x"), *flags])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_an_async_checkpoint_resumed_without_async_continues_at_its_step():
+    """Resuming an --async run's checkpoint without --async: the buffer (the groups of the next max_age steps) is
+    regenerated, not skipped, so step c trains on the tasks of step c. Oracle: what a sync run's checkpoint at
+    step c (next_group c * prompts, the state sync resume is tested bit-exact on) starts with."""
+    from itertools import islice
+    from nemotron3 import NemotronForCausalLM, from_preset
+    from nemotron3.rl.train import RolloutBatches, load_envs
+    from nemotron3.tokenizer import ByteTokenizer
+    cfg = GRPOConfig(out="unused", max_steps=6, **SMALL)
+    P = cfg.prompts_per_step
+
+    def started(rollouts_state):
+        batches = RolloutBatches(cfg, NemotronForCausalLM(from_preset("tiny")), ByteTokenizer(), load_envs(cfg))
+        batches.load_state_dict({"step": 2, "pass_rates": None, "rollouts": rollouts_state})
+        batches._start()
+        return batches.rollouts
+    buffer = [[{"group": g}] * cfg.group_size for g in range(2 * P, 4 * P)]       # an async run saved at step 2
+    resumed = started({"next_group": 4 * P, "handed_out": True, "buffer": buffer})
+    sync = started({"next_group": 2 * P})
+    assert resumed.state_dict() == sync.state_dict() == {"next_group": 2 * P}
+    assert list(islice(resumed.tasks, 2 * P)) == list(islice(sync.tasks, 2 * P))

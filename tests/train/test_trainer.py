@@ -143,3 +143,19 @@ def test_any_iterator_of_packed_dict_batches_trains_and_saves(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["eval_mtp2_accuracy"] >= 0
     assert all(torch.isfinite(torch.tensor(r["mtp1_loss"])) for r in rows)
     assert NemotronForCausalLM.from_pretrained(final).config.vocab_size == 256
+
+
+def test_a_sharded_run_from_a_model_directory_keeps_its_draft_vocabulary(tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1, FSDP2 on) --model builds the model empty and fills it shard by shard; the
+    directory's draft vocabulary (draft_vocab.json) must come along, as from_pretrained brings it, else every model
+    the run saves loses it."""
+    from nemotron3.train.trainer import build_model, shards_weights
+    start = tmp_path / "start"
+    model = NemotronForCausalLM(from_preset("tiny"))
+    model.draft_vocab = torch.tensor([7, 3, 11])
+    model.save_pretrained(start)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = TrainerConfig(model=str(start), out=str(tmp_path / "run"))
+    assert shards_weights(cfg)
+    built, _ = build_model(cfg)
+    assert built.lm_head.weight.is_meta and built.draft_vocab.tolist() == [7, 3, 11]

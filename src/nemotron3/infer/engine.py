@@ -187,6 +187,8 @@ class Engine:
             if params[name].shape != t.shape:
                 raise ValueError(f"update_weights: {name} has shape {tuple(params[name].shape)}, got {tuple(t.shape)}.")
             params[name].copy_(t)
+        if self.K_max and self.draft_vocab is not None and named_tensors:    # the drafter's LM-head rows, again
+            self.model.draft_head(self.draft_vocab, refresh=True)
         self.version = self.version + 1 if version is None else version
 
     @torch.inference_mode()

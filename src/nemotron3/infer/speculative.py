@@ -20,6 +20,7 @@ output is unchanged: greedy exactly, sampling in distribution. Only the share of
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .sampling import draw
@@ -31,6 +32,7 @@ DRAFT_VOCAB_SHARE = 0.25
 MIN_DRAFT_VOCAB_SOURCE = 1024
 # Tokens counted for frequent_tokens (a corpus prefix; counts of the most frequent ids settle long before).
 MAX_COUNTED_TOKENS = 50_000_000
+_COUNT_CHUNK = 1 << 22          # tokens counted at a time (an int64 copy of 32 MiB, not of the whole prefix)
 
 
 def frequent_tokens(token_ids, vocab_size: int, n: int | None = None) -> torch.Tensor | None:
@@ -43,11 +45,16 @@ def frequent_tokens(token_ids, vocab_size: int, n: int | None = None) -> torch.T
     n = int(vocab_size * DRAFT_VOCAB_SHARE) if n is None else n
     if n < 1:
         raise ValueError(f"a draft vocabulary needs n >= 1 tokens, got {n}.")
-    ids = torch.as_tensor(token_ids[:MAX_COUNTED_TOKENS]).long().reshape(-1)
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size); got [{int(ids.min())}, "
-                         f"{int(ids.max())}].")
-    counts = torch.bincount(ids, minlength=vocab_size)
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for start in range(0, min(len(token_ids), MAX_COUNTED_TOKENS), _COUNT_CHUNK):     # a memmap is read in place
+        end = min(start + _COUNT_CHUNK, MAX_COUNTED_TOKENS)
+        chunk = token_ids[start:end]
+        ids = (chunk.cpu().long() if isinstance(chunk, torch.Tensor)
+               else torch.from_numpy(np.array(chunk, dtype=np.int64))).reshape(-1)       # numpy: a writable copy
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size); got [{int(ids.min())}, "
+                             f"{int(ids.max())}].")
+        counts += torch.bincount(ids, minlength=vocab_size)
     order = counts.argsort(descending=True, stable=True)[:n]
     order = order[counts[order] > 0]
     return order if 0 < len(order) <= vocab_size // 2 else None

@@ -440,12 +440,13 @@ class NemotronForCausalLM(nn.Module):
         head = None if vocab is None else self.draft_head(vocab)
         return (self._compiled_draft if use_compiled else self.mtp_draft_step)(h, pos, states, K, head, vocab)
 
-    def draft_head(self, vocab: torch.Tensor) -> torch.Tensor:
+    def draft_head(self, vocab: torch.Tensor, refresh: bool = False) -> torch.Tensor:
         """The LM head's rows of a draft vocabulary (N, d), gathered once per vocabulary and weight version (an
-        in-place weight update, e.g. Engine.update_weights, gathers them again)."""
+        in-place weight update, e.g. an optimizer step, gathers them again). Weights made under inference mode keep
+        no version counter: whoever updates them in place passes refresh=True (Engine.update_weights does)."""
         w = self.lm_head.weight
-        key = (id(vocab), vocab.data_ptr(), len(vocab), w.data_ptr(), w._version)
-        if self._draft_head is None or self._draft_head[0] != key:
+        key = (id(vocab), vocab.data_ptr(), len(vocab), w.data_ptr(), None if w.is_inference() else w._version)
+        if refresh or self._draft_head is None or self._draft_head[0] != key:
             self._draft_head = (key, w[vocab].contiguous())
         return self._draft_head[1]
 

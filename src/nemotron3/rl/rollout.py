@@ -103,7 +103,7 @@ class Trajectory:
     @property
     def oldest_version(self) -> int | None:
         """The oldest policy version among its tokens (what the async staleness bound is checked on); None when
-        the model generated no token (an immediate stop)."""
+        the model generated no token (an aborted or failed request; an immediate stop keeps its stop token)."""
         return min((v for v in self.versions if v >= 0), default=None)
 
     def to_dict(self) -> dict:

@@ -341,6 +341,8 @@ class RolloutBatches:
         curriculum = Curriculum(pools, CurriculumConfig(ratios=ratios, total_steps=cfg.max_steps, seed=cfg.seed),
                                 self.pass_rates)
         state = self.rollouts_state or {"next_group": self.step * cfg.prompts_per_step}
+        if not cfg.async_rollouts and state.get("buffer"):     # an --async run's checkpoint: sync regenerates its
+            state = {"next_group": self.step * cfg.prompts_per_step}      # buffer's groups instead of skipping them
         tasks = iter(CurriculumTasks(curriculum, cfg.prompts_per_step, state["next_group"]))
         rc = cfg.rollout_config()
         if cfg.async_rollouts:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from ..checkpoint import load_into_shards, save_pretrained
+from ..checkpoint import load_into_shards, read_draft_vocab, save_pretrained
 from ..config import from_preset
 from ..model import NemotronForCausalLM
 from ..model.moe import MoE
@@ -159,6 +159,7 @@ def build_model(cfg: TrainerConfig, model_config=None, device="cpu"):
         from ..config import NemotronConfig
         with torch.device("meta"):
             model = NemotronForCausalLM(NemotronConfig.from_json_file(cfg.model))
+        model.draft_vocab = read_draft_vocab(cfg.model, model.config.vocab_size)     # as from_pretrained reads it
         tokenizer = load_tokenizer(cfg.model, model.config.vocab_size)
     elif cfg.model:
         model = NemotronForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
