@@ -183,10 +183,12 @@ def plot(result: dict, lengths: list[int]) -> None:
                     fmt="-", capsize=3, color=f"C{i}",
                     label=f"{name} ({result['params'][name]:,} params, {len(runs)} seeds; bars: sd across seeds)")
     ax.axhline(0.1, color="grey", ls=":", label="chance (1 of 10 candidates)")
-    ax.axvline(1024, color="grey", ls="--", lw=0.8)
+    train_len = max(int(part.split(":")[0]) for part in result["config"]["mix1"].split(","))
+    ax.axvline(train_len, color="grey", ls="--", lw=0.8, label=f"stage-1 row length ({train_len})")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="context length (tokens)", ylabel="teacher-forced accuracy", ylim=(0, 1.02),
-           title="RULER-style, tiny models trained at 1K (+ a short 16K stage), CPU")
+           title=f"RULER-style, tiny models trained at {train_len}"
+                 + (" (+ a short long-context stage)" if result["config"]["steps2"] else "") + ", CPU")
     ax.legend(fontsize=7)
     save_figure(fig, "long_context_ruler")
 
