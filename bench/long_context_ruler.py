@@ -49,11 +49,11 @@ def models() -> dict:
 
 
 def train_two_stages(name: str, seed: int, args, workdir: str) -> tuple[str, float, float]:
-    """Stage 1 (1024-token rows) from scratch, then the long-context stage; (final dir, seconds of each stage)."""
+    """Stage 1 (--mix1 rows) from scratch, then the long-context stage; (final dir, seconds of each stage)."""
     common = dict(eval_every=10**6, eval_batches=1, seed=seed, mtp_depths=1, keep_last=1,
-                  answer_weight=args.answer_weight)
+                  answer_weight=args.answer_weight, long_tasks=args.long_tasks)
     t0 = time.perf_counter()
-    stage1 = train(TrainConfig(out=os.path.join(workdir, f"{name}_{seed}_s1"), mix="1024:1", max_steps=args.steps1,
+    stage1 = train(TrainConfig(out=os.path.join(workdir, f"{name}_{seed}_s1"), mix=args.mix1, max_steps=args.steps1,
                                save_every=args.steps1, lr=args.lr, warmup_steps=args.warmup,
                                batch_size=args.batch_size, **common), log=lambda *_: None, model_config=models()[name])
     t1 = time.perf_counter()
@@ -115,7 +115,10 @@ def main() -> None:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     ap.add_argument("--seeds", type=ints, default=[0, 1, 2])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
-    ap.add_argument("--steps1", type=int, default=800, help="stage-1 steps (1024-token rows)")
+    ap.add_argument("--steps1", type=int, default=800, help="stage-1 steps (--mix1 rows)")
+    ap.add_argument("--mix1", default="1024:1", help="stage 1's --mix (its rows' length is the training length)")
+    ap.add_argument("--long-tasks", default="", help="the training documents' task kinds (pretrain --long-tasks; "
+                    "empty: all of train/long_docs.TRAIN_TASKS)")
     ap.add_argument("--batch-size", type=int, default=4, help="stage-1 rows per step")
     ap.add_argument("--lr", type=float, default=3e-3, help="stage-1 peak learning rate (WSD)")
     ap.add_argument("--answer-weight", type=float, default=20.0,
@@ -180,10 +183,12 @@ def plot(result: dict, lengths: list[int]) -> None:
                     fmt="-", capsize=3, color=f"C{i}",
                     label=f"{name} ({result['params'][name]:,} params, {len(runs)} seeds; bars: sd across seeds)")
     ax.axhline(0.1, color="grey", ls=":", label="chance (1 of 10 candidates)")
-    ax.axvline(1024, color="grey", ls="--", lw=0.8)
+    train_len = max(int(part.split(":")[0]) for part in result["config"]["mix1"].split(","))
+    ax.axvline(train_len, color="grey", ls="--", lw=0.8, label=f"stage-1 row length ({train_len})")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="context length (tokens)", ylabel="teacher-forced accuracy", ylim=(0, 1.02),
-           title="RULER-style, tiny models trained at 1K (+ a short 16K stage), CPU")
+           title=f"RULER-style, tiny models trained at {train_len}"
+                 + (" (+ a short long-context stage)" if result["config"]["steps2"] else "") + ", CPU")
     ax.legend(fontsize=7)
     save_figure(fig, "long_context_ruler")
 

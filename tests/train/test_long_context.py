@@ -137,3 +137,15 @@ def test_answer_weight_weighs_exactly_each_documents_answer_tokens():
 def test_a_non_positive_answer_weight_is_refused():
     with pytest.raises(ValueError, match="answer-weight"):
         MixedLengthRows(BYTES, [(1024, 1.0)], batch_size=1, answer_weight=0.0)
+
+
+def test_long_tasks_shorten_the_shortest_mix_length_and_choose_the_documents():
+    # niah_single_1 and vt need prompts of 432 tokens (long_docs.MIN_PROMPT_TOKENS) + 64 for the answer line
+    tasks = ("niah_single_1", "vt")
+    data = MixedLengthRows(BYTES, [(496, 1.0)], batch_size=8, seed=6, tasks=tasks)
+    docs = [bytes(row).split(b"\x00")[0].decode() for _ in range(3) for row in next(data)["input_ids"].tolist()]
+    assert all(("VAR " in d) != ("special magic numbers" in d) for d in docs) and any("VAR " in d for d in docs)
+    with pytest.raises(DataError, match=">= 496"):
+        MixedLengthRows(BYTES, [(480, 1.0)], batch_size=1, tasks=tasks)
+    with pytest.raises(ValueError, match="choose one or more of"):
+        MixedLengthRows(BYTES, [(1024, 1.0)], batch_size=1, tasks=("fwe",))

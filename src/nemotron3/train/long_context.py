@@ -30,7 +30,7 @@ import random
 import torch
 
 from .data import DataError, document_position_ids
-from .long_docs import long_document_parts
+from .long_docs import MIN_PROMPT_TOKENS, TRAIN_TASKS, check_tasks, long_document_parts
 
 
 def parse_mix(spec: str) -> list[tuple[int, float]]:
@@ -57,14 +57,15 @@ class _DocumentStream:
     by eos, read in order from document `index`, offset `offset` tokens into it."""
 
     ANSWER_MARGIN = 64           # tokens left for the answer line, so a document spans about `length` tokens
-    MIN_LENGTH = 768             # the shortest document every training task can be written in (byte tokenizer)
 
     def __init__(self, tokenizer, length: int, seed: int, split: str, rank: int, world: int,
-                 answer_weight: float = 1.0):
-        if length < self.MIN_LENGTH:
-            raise DataError(f"--mix length {length} is shorter than the built-in long documents (their task prompts "
-                            f"need about {self.MIN_LENGTH} tokens); use lengths >= {self.MIN_LENGTH}.")
-        self.tokenizer, self.length, self.seed, self.split = tokenizer, length, seed, split
+                 answer_weight: float = 1.0, tasks: tuple[str, ...] = TRAIN_TASKS):
+        shortest = max(MIN_PROMPT_TOKENS[t] for t in tasks) + self.ANSWER_MARGIN
+        if length < shortest:
+            raise DataError(f"--mix length {length} is shorter than the built-in long documents of tasks "
+                            f"{','.join(tasks)} (their task prompts need about {shortest} tokens); use lengths >= "
+                            f"{shortest}, or fewer / shorter tasks (--long-tasks).")
+        self.tokenizer, self.length, self.seed, self.split, self.tasks = tokenizer, length, seed, split, tasks
         self.rank, self.world = rank, world
         self.answer_weight = answer_weight
         self.index, self.offset = 0, 0
@@ -75,7 +76,8 @@ class _DocumentStream:
         if self._doc is None:
             try:
                 prompt, answer = long_document_parts(self.tokenizer, self.length - self.ANSWER_MARGIN,
-                                                     self.index * self.world + self.rank, self.seed, self.split)
+                                                     self.index * self.world + self.rank, self.seed, self.split,
+                                                     self.tasks)
             except ValueError as e:                       # a tokenizer whose task prompts need more tokens
                 raise DataError(f"--mix length {self.length}: {e}") from None
             eos = self.tokenizer.eos_token_id
@@ -110,7 +112,9 @@ class MixedLengthRows:
     resume). `classes` records the class length of every row served, in order (for tests and logs)."""
 
     def __init__(self, tokenizer, mix: list[tuple[int, float]], batch_size: int, seed: int = 0,
-                 split: str = "train", rank: int = 0, world: int = 1, answer_weight: float = 1.0):
+                 split: str = "train", rank: int = 0, world: int = 1, answer_weight: float = 1.0,
+                 tasks: tuple[str, ...] = TRAIN_TASKS):
+        check_tasks(tasks)
         if tokenizer.eos_token_id is None:
             raise DataError("the long-context mix needs a tokenizer with an end-of-document token (eos) to keep "
                             "documents apart.")
@@ -120,7 +124,8 @@ class MixedLengthRows:
         if not answer_weight > 0:
             raise ValueError(f"--answer-weight {answer_weight} must be > 0 (1 = every token weighs the same).")
         self.answer_weight = answer_weight
-        self.streams = {n: _DocumentStream(tokenizer, n, seed, split, rank, world, answer_weight) for n, _ in mix}
+        self.streams = {n: _DocumentStream(tokenizer, n, seed, split, rank, world, answer_weight, tasks)
+                        for n, _ in mix}
         self.rows_served = 0
         self.classes: list[int] = []
 

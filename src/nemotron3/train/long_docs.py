@@ -27,6 +27,19 @@ from ..eval.ruler import make_sample
 TRAIN_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
                "niah_multivalue", "niah_multiquery", "vt")
 LONGDOC_NAMESPACE = "nemotron3-longdoc"
+# the shortest prompt (byte tokens) every document of each task fits in: its question, answer prefix and needles
+# with an empty haystack, the longest over the stream's random keys and names, rounded up to 16
+# (measured over 300 documents, plus 16 tokens of slack), rounded up to 16; tests check them over other documents
+MIN_PROMPT_TOKENS = {"niah_single_1": 400, "niah_single_2": 400, "niah_single_3": 416, "niah_multikey_1": 592,
+                     "niah_multikey_2": 400, "niah_multivalue": 608, "niah_multiquery": 704, "vt": 432}
+
+
+def check_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
+    """tasks, if they are a non-empty subset of TRAIN_TASKS; else a ValueError saying which ones are."""
+    if not tasks or any(t not in TRAIN_TASKS for t in tasks):
+        raise ValueError(f"long-document tasks {','.join(tasks) or '(none)'}: choose one or more of "
+                         f"{','.join(TRAIN_TASKS)} (the aggregation tasks cwe and fwe stay out of training).")
+    return tasks
 
 
 def long_document_parts(tokenizer, length: int, index: int, seed: int = 0, split: str = "train",

@@ -58,6 +58,9 @@ class TrainConfig(TrainerConfig):
     answer_weight: float = 1.0
     """--mix: loss weight of each long document's answer tokens (the rest weigh 1). A 7-digit answer is ~1% of a
     1K-token document, so retrieval gets little gradient at 1; a tiny model learns it sooner at e.g. 20."""
+    long_tasks: str = ""
+    """--mix: the long documents' task kinds, comma-separated from train/long_docs.TRAIN_TASKS (empty = all). Fewer
+    and shorter kinds (niah_single_1,vt) let --mix lengths go down to 496 tokens."""
 
 
 def build_data(cfg: TrainConfig, tokenizer):
@@ -158,11 +161,14 @@ def _tokenizer_files(cfg: TrainConfig) -> list[str]:
 def _train_mix(cfg: TrainConfig, model, tokenizer, rank: int, world: int, log) -> str:
     """The long-context stage (--mix): mixed long / short rows of the built-in long documents (long_context.py)."""
     from .long_context import MixedLengthRows, parse_mix
+    from .long_docs import TRAIN_TASKS, check_tasks
     if cfg.data:
         raise ValueError("--mix trains on the built-in long documents; drop --data (or drop --mix).")
     mix = parse_mix(cfg.mix)
-    data = MixedLengthRows(tokenizer, mix, cfg.batch_size, cfg.seed, "train", rank, world, cfg.answer_weight)
-    held_out = MixedLengthRows(tokenizer, mix, cfg.batch_size, cfg.seed, "heldout").in_order(cfg.eval_batches)
+    tasks = check_tasks(tuple(cfg.long_tasks.split(","))) if cfg.long_tasks else TRAIN_TASKS
+    data = MixedLengthRows(tokenizer, mix, cfg.batch_size, cfg.seed, "train", rank, world, cfg.answer_weight, tasks)
+    held_out = MixedLengthRows(tokenizer, mix, cfg.batch_size, cfg.seed, "heldout",
+                               tasks=tasks).in_order(cfg.eval_batches)
     trainer = Trainer(cfg, model, LMLoss.from_config(cfg, model), log)
     tokenizer_files = _tokenizer_files(cfg)
     return trainer.train(data, lambda: held_out, tokenizer_files)
