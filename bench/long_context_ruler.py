@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--samples", type=ints, default=[30, 30, 12, 4],
                     help="samples per task at each length (one number: the same at every length)")
     ap.add_argument("--jobs", type=int, default=1, help="(seed, model) runs in parallel, one thread each")
+    ap.add_argument("--append", action="store_true", help="add these seeds' runs to bench/results/"
+                    "long_context_ruler.json (made with the same settings otherwise); runs already there are kept")
     args = ap.parse_args()
     if len(args.samples) == 1:
         args.samples = args.samples * len(args.lengths)
@@ -145,8 +147,11 @@ def main() -> None:
     torch.set_num_threads(1)
     params = {n: count_parameters(c)["total"] for n, c in models().items()}
     result = dict(config=vars(args), runs=[], params=params)
+    if args.append:
+        result = previous_results(args, params)
     workdir = tempfile.mkdtemp(prefix="lc_ruler_")
-    jobs = [(name, seed) for seed in args.seeds for name in names]
+    done = {(r["model"], r["seed"]) for r in result["runs"]}
+    jobs = [(name, seed) for seed in args.seeds for name in names if (name, seed) not in done]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_one, name, seed, args, workdir) for name, seed in jobs]
         for future in as_completed(futures):
@@ -160,6 +165,24 @@ def main() -> None:
     plot(result, args.lengths)
     print_table(result, args.lengths)
     print("wrote bench/results/long_context_ruler.json and .png")
+
+
+def previous_results(args, params: dict) -> dict:
+    """The committed results, to add runs to: refused unless every setting but --seeds / --jobs / --append matches."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "long_context_ruler.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--append: {path} does not exist yet; run without --append first.")
+    with open(path) as f:
+        old = json.load(f)
+    ignored = {"seeds", "jobs", "append"}
+    theirs = {k: v for k, v in old["config"].items() if k not in ignored}
+    ours = {k: v for k, v in vars(args).items() if k not in ignored}
+    if theirs != ours or old["params"] != params:
+        diff = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        raise SystemExit(f"--append: the committed runs used other settings ({', '.join(diff) or 'model sizes'}); "
+                         f"rerun with theirs or without --append.")
+    old["config"] = vars(args) | {"seeds": sorted({r["seed"] for r in old["runs"]} | set(args.seeds))}
+    return old
 
 
 def print_table(result: dict, lengths: list[int]) -> None:
