@@ -102,7 +102,7 @@ def across_seeds(runs: list[dict], lengths: list[int]) -> dict:
     for name in MODELS:
         rs = [r for r in runs if r["model"] == name]
         for n in lengths:
-            acc = [r["accuracy"][n] if n in r["accuracy"] else r["accuracy"][str(n)] for r in rs]
+            acc = [r["accuracy"][n] for r in rs]
             if acc:
                 mean = sum(acc) / len(acc)
                 sd = math.sqrt(sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else 0.0
@@ -182,6 +182,8 @@ def previous_results(args, params: dict) -> dict:
         raise SystemExit(f"--append: the committed runs used other settings ({', '.join(diff) or 'model sizes'}); "
                          f"rerun with theirs or without --append.")
     old["config"] = vars(args) | {"seeds": sorted({r["seed"] for r in old["runs"]} | set(args.seeds))}
+    for run in old["runs"]:                           # JSON made the lengths strings; the new runs key them by int
+        run["accuracy"] = {int(n): a for n, a in run["accuracy"].items()}
     return old
 
 
