@@ -184,7 +184,7 @@ def test_draft_vocabulary_is_saved_loaded_and_used_by_default(tiny, tmp_path):
     assert Engine(back).draft_vocab.tolist() == [5, 1, 9] and Engine(back, draft_vocab=None).draft_vocab is None
     tiny.save_pretrained(tmp_path / "m")                  # saved again without one: the old file does not linger
     assert NemotronForCausalLM.from_pretrained(tmp_path / "m").draft_vocab is None
-    for bad in ("[1, 9999]", "[4, 2, 4]", "[1.5]", "{"):       # out of range, a repeat, not an id, not JSON
+    for bad in ("[1, 9999]", "[4, 2, 4]", "[1.5]", "{", "[]", "[99999999999999999999999]"):   # range, repeat, type
         (tmp_path / "m" / "draft_vocab.json").write_text(bad)
         with pytest.raises(CheckpointError, match="draft_vocab.json"):
             NemotronForCausalLM.from_pretrained(tmp_path / "m")

@@ -271,6 +271,16 @@ def load_pretrained(cls, path_or_dir, dtype: torch.dtype | None = None, device=N
     return model.eval()
 
 
+def draft_vocab_problem(ids: torch.Tensor, vocab_size: int) -> str | None:
+    """What makes `ids` unusable as a draft vocabulary (a 1-D integer tensor of distinct token ids in
+    [0, vocab_size), at least one), as the end of a sentence "... must be <that>"; None when it is fine."""
+    if (not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.is_complex()
+            or not len(ids) or int(ids.min()) < 0 or int(ids.max()) >= vocab_size
+            or len(ids.unique()) != len(ids)):
+        return f"a non-empty list of distinct integer token ids in [0, {vocab_size}) (vocab_size)"
+    return None
+
+
 def read_draft_vocab(ckpt_dir: str, vocab_size: int) -> torch.Tensor | None:
     """The draft vocabulary saved in ckpt_dir (draft_vocab.json: distinct token ids in [0, vocab_size)), or None
     when there is none; a malformed file fails naming it."""
@@ -283,10 +293,12 @@ def read_draft_vocab(ckpt_dir: str, vocab_size: int) -> torch.Tensor | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not a JSON list of token ids ({e}); delete it (drafting then scores the "
                               f"whole vocabulary) or rewrite it.") from None
-    if (not isinstance(ids, list) or not ids or len(set(ids)) != len(ids)
-            or not all(type(i) is int and 0 <= i < vocab_size for i in ids)):
-        raise CheckpointError(f"{path} must list distinct integer token ids in [0, {vocab_size}) (vocab_size); "
-                              f"delete it (drafting then scores the whole vocabulary) or rewrite it.")
+    problem = (draft_vocab_problem(torch.tensor(ids, dtype=torch.long), vocab_size)
+               if isinstance(ids, list) and all(type(i) is int and abs(i) < 2**62 for i in ids)
+               else "a JSON list of integer token ids")
+    if problem:
+        raise CheckpointError(f"{path} must be {problem}; delete it (drafting then scores the whole vocabulary) or "
+                              f"rewrite it.")
     return torch.tensor(ids, dtype=torch.long)
 
 

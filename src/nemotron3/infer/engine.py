@@ -40,6 +40,7 @@ from collections import deque
 
 import torch
 
+from ..checkpoint import draft_vocab_problem
 from .budget import ReasoningBudget
 from .reasoning import THINK_CLOSE
 from .request import Event, IdsOnly, Request, Result, SequenceState
@@ -95,11 +96,9 @@ class Engine:
         if draft_vocab is None:
             return None
         V = model.config.vocab_size
-        if (not isinstance(draft_vocab, torch.Tensor) or draft_vocab.dim() != 1 or draft_vocab.is_floating_point()
-                or not len(draft_vocab) or int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= V
-                or len(draft_vocab.unique()) != len(draft_vocab)):
-            raise ValueError(f"draft_vocab must be None, 'auto' or a 1-D integer tensor of distinct token ids in "
-                             f"[0, {V}) (e.g. infer.speculative.frequent_tokens(corpus_ids, {V})).")
+        if problem := draft_vocab_problem(draft_vocab, V):
+            raise ValueError(f"draft_vocab must be None, 'auto' or a 1-D tensor: {problem} (e.g. "
+                             f"infer.speculative.frequent_tokens(corpus_ids, {V})).")
         return draft_vocab.long().to(model.lm_head.weight.device)
 
     # ---- public API -----------------------------------------------------------------------------------------------
