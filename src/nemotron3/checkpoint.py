@@ -134,7 +134,8 @@ def _shard_files(ckpt_dir: str) -> list[str]:
             with open(index) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e!r}); re-save the checkpoint.") from None
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e!r}); re-save the "
+                                  f"checkpoint.") from None
         missing = [f for f in files if not os.path.exists(os.path.join(ckpt_dir, f))]
         if missing:
             raise CheckpointError(f"{ckpt_dir}: the index names shard files that are not there: {missing}. "

@@ -63,7 +63,8 @@ class _Prefill:
 class Engine:
     def __init__(self, model, tokenizer=None, num_speculative_tokens: int | dict = 0, prefill_chunk: int = 512,
                  max_batch: int = 32, max_model_len: int | None = None, draft_vocab="auto"):
-        spec = num_speculative_tokens if isinstance(num_speculative_tokens, dict) else {max_batch: num_speculative_tokens}
+        spec = (num_speculative_tokens if isinstance(num_speculative_tokens, dict)
+                else {max_batch: num_speculative_tokens})
         if any(not isinstance(k, int) or k < 0 for k in spec.values()) or any(b < 1 for b in spec):
             raise ValueError(f"num_speculative_tokens={num_speculative_tokens!r} must be an integer >= 0 (0 = plain "
                              f"decoding) or a dict {{max batch size >= 1: K >= 0}}.")
@@ -275,7 +276,8 @@ class Engine:
             [self.counter[:a], torch.ones(n, dtype=torch.long, device=self.device)])
         if seen is not None or (a and self.seen is not None):
             V = self.model.config.vocab_size
-            old = self.seen[:a] if a and self.seen is not None else torch.zeros(a, V, dtype=torch.bool, device=self.device)
+            old = (self.seen[:a] if a and self.seen is not None
+                   else torch.zeros(a, V, dtype=torch.bool, device=self.device))
             new = seen if seen is not None else torch.zeros(n, V, dtype=torch.bool, device=self.device)
             self.seen = torch.cat([old, new])
         elif a == 0:
