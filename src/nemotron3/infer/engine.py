@@ -20,7 +20,7 @@ Speculative round (MTP heads as the drafter), each row accepting its own number 
        (its own output, the draft) for depths 2..K (temporary MTP cache entries, dropped afterwards); greedy
        batches draft all K tokens, LM head and argmax included, in one compiled call (model.mtp_draft)
     2. verify: one forward of the main model over [t0, d1..dK]; Mamba layers return their state after each token
-       (computed at once, not token by token: mamba2.ssd_states)
+       (mamba2.ssd_states)
     3. accept: speculative.accept_drafts for the whole batch (exact rejection sampling; greedy = argmax match)
     4. roll back: each row keeps the Mamba state after its t0, d1..dn and moves its position to start + n + 1
     5. catch the MTP cache up on the kept positions (teacher-forced, as in training); its last output drafts next.
