@@ -90,7 +90,7 @@ def test_decode_steps_and_chunked_prefill_match_full_forward():
 
 @pytest.mark.parametrize("seq_len", [1, 4, 9])
 def test_verify_form_gives_the_state_after_every_token_like_the_recurrence(seq_len):
-    """ssd_states (the speculative verifier's one-chunk form) == the float64 loop run on every prefix."""
+    """ssd_states (the speculative verifier's unrolled recurrence) == the float64 loop run on every prefix."""
     x, dt, A, B, C = random_ssd_inputs(2, seq_len, seed=5)
     S0 = torch.randn(2, 4, 3, 5, dtype=torch.float64)
     state = S0.clone()
