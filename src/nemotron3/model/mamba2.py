@@ -180,26 +180,17 @@ def ssd_step(x, dt, A, B, C, state):
 
 
 def ssd_states(x, dt, A, B, C, state):
-    """A few tokens at once with the SSM state after every one of them (speculative verification), as the
-    recurrence unrolled over the L tokens (one graph, no Python loop at run time under torch.compile):
-        S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,   y_t = S_t C_t
+    """A few tokens at once with the SSM state after every one of them (speculative verification): ssd_step
+    unrolled over the L tokens (one graph under torch.compile), keeping a copy of the state after each.
     Measured on 2 CPU cores (H=8, P=N=64, L=3): 2.5x faster than the one-chunk SSD form (an L x L decay matrix
     contracted with every state) compiled at batch 1, 4x at batch 8, and faster eagerly too.
     x: (b, L, H, P); dt: (b, L, H); B, C: (b, L, G, N); state (b, H, P, N) = S_0, updated in place to S_L.
     Returns y (b, L, H, P) and the states (b, L, H, P, N)."""
-    b, L, H, P = x.shape
-    G, N = B.shape[-2:]
-    R = H // G
-    decay = decay_exp(dt * A).view(b, L, G, R, 1, 1)                         # exp(dt_t A)
-    xdt = (x * dt[..., None]).view(b, L, G, R, P, 1)                          # dt_t x_t
-    B, C = B.view(b, L, G, 1, 1, N), C.view(b, L, G, 1, 1, N)
-    S, ys, states = state.view(b, G, R, P, N), [], []
-    for t in range(L):
-        S = decay[:, t] * S + xdt[:, t] * B[:, t]                            # (b, G, R, P, N)
-        ys.append((S * C[:, t]).sum(-1))                                      # (b, G, R, P)
-        states.append(S)
-    state.copy_(S.view(b, H, P, N))
-    return torch.stack(ys, 1).view(b, L, H, P), torch.stack(states, 1).view(b, L, H, P, N)
+    ys, states = [], []
+    for t in range(x.shape[1]):
+        ys.append(ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state))
+        states.append(state.clone())
+    return torch.stack(ys, 1), torch.stack(states, 1)
 
 
 class CausalConvSiLU(torch.autograd.Function):
