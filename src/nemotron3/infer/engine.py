@@ -35,6 +35,7 @@ for vocabularies under 1024 tokens, e.g. the byte tokenizer's, where it does not
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 
@@ -45,7 +46,7 @@ from .budget import ReasoningBudget
 from .reasoning import THINK_CLOSE
 from .request import Event, IdsOnly, Request, Result, SequenceState
 from .sampling import RowParams, draw, splitmix64, target_probs_rows, token_logprobs, uniforms
-from .speculative import accept_drafts
+from .speculative import accept_drafts, greedy_round
 
 # Draft tokens per round by live batch size, the default of the CLI and the server: measured in
 # bench/decode_speed.py (2 CPU threads, demo and small models); speculation stops paying as the batch grows.
@@ -87,6 +88,7 @@ class Engine:
         self.prefilling: _Prefill | None = None
         self._ids = itertools.count()
         self._finished: list[Event] = []
+        self._compiled_round = None                       # (model.decode_compilation, the greedy round it runs)
         self._params_dirty = True
         self.reset_stats()
 
@@ -403,6 +405,9 @@ class Engine:
     def _speculative_round(self, events, b: int, K: int) -> None:
         model = self.model
         main, mtp = self.cache.rows(0, b), self.mtp_cache.rows(0, b)
+        if self.plain_greedy and not self._want_routing():
+            self._greedy_round(events, main, mtp, K)
+            return
         u = uniforms(self.rng_key, self.counter, 2 * K + 1)                     # (b, 2K+1): drafts, accepts, final
         self.counter += 2 * K + 1
         # 1. draft K tokens (the MTP cache keeps its state and positions)
@@ -437,6 +442,25 @@ class Engine:
         self.last = emitted[rows, n]
         self.stats["rounds"] += 1
         self._emit(events, list(range(b)), emitted, n, out.logits, p)
+
+    def _greedy_round(self, events, main, mtp, K: int) -> None:
+        """All rows greedy: the whole round (drafts, verify, accept, cache rollback, MTP catch-up) is
+        speculative.greedy_round, compiled as one graph when the model's decode is compiled."""
+        model, b = self.model, main.batch_size
+        main.reserve(K + 1)                                                   # capacity checks (host side)
+        mtp.reserve(K + 1)
+        if self._compiled_round is None or self._compiled_round[0] is not model.decode_compilation:
+            fn = functools.partial(greedy_round, model)
+            self._compiled_round = (model.decode_compilation,
+                                    model.compile_like_decode(fn) if model.decode_is_compiled else fn)
+        head = None if self.draft_vocab is None else model.draft_head(self.draft_vocab)
+        main_states = [main.layer_state(i) for i in range(model.config.num_hidden_layers)]
+        mtp_states = {layer.layer_idx: mtp.layer_state(layer.layer_idx) for layer in model.mtp.layers}
+        emitted, n, logits, self.draft_h = self._compiled_round[1](self.last, self.draft_h, main.pos, mtp.pos,
+                                                                   main_states, mtp_states, K, head, self.draft_vocab)
+        self.last = emitted[torch.arange(b, device=n.device), n]
+        self.stats["rounds"] += 1
+        self._emit(events, list(range(b)), emitted, n, logits, None)
 
     def _draft_sampled(self, mtp, K: int, u: torch.Tensor, ahead):
         """K drafts drawn from the MTP head's distributions after the rows' sampling processors (and grammars):

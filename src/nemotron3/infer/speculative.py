@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..model.cache import select_mamba_states
 from .sampling import draw
 
 # Default size of a draft vocabulary: a quarter of the vocabulary (FR-Spec drafts over 32k of Llama-3's 128k).
@@ -77,3 +78,37 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_acce
     final = draw(resid, u_final)                                               # (b,)
     emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n[:, None], final[:, None])
     return emitted, n
+
+
+def greedy_round(model, last: torch.Tensor, draft_h: torch.Tensor, main_pos: torch.Tensor, mtp_pos: torch.Tensor,
+                 main_states: list, mtp_states: dict, K: int, head: torch.Tensor | None = None,
+                 vocab: torch.Tensor | None = None):
+    """One greedy speculative round in tensor ops only, so the engine compiles it as one graph (one call per round
+    instead of three, no Python between the steps):
+        drafts d_1..d_K = model.mtp_draft_step(draft_h)            (argmax drafts, MTP cache left as it was)
+        verify [last, d_1..d_K] in one decode_step                 (logits and Mamba states after every token)
+        n = leading drafts equal to the verifier's argmax;  emitted = the argmax row (d_1..d_n, then the correction
+            or bonus token at index n)
+        main cache: Mamba states after token n, pos = start + n + 1 (K/V past it are never read)
+        MTP cache: depth 1 over [emitted] teacher-forced, kept to the same n + 1 positions; its output at n is the
+            next round's draft_h.
+    last (b,): each row's last emitted token; draft_h (b, 1, d): MTP depth 1's output there; main_pos / mtp_pos (b,)
+    the caches' positions (updated in place); main_states: HybridCache.layer_state per main layer; mtp_states:
+    {layer index: layer_state} of the MTP layers. The caller checks that K + 1 more tokens fit (HybridCache.reserve).
+    Returns (emitted (b, K+1), n (b,), verify logits (b, K+1, V) float32, next draft_h (b, 1, d))."""
+    compiled = torch.compiler.is_compiling()
+    drafts = model.mtp_draft_step(draft_h, mtp_pos, mtp_states, K, head, vocab, compiled=compiled)
+    start = main_pos.clone()
+    logits, h, mamba = model.decode_step(torch.cat([last[:, None], drafts], 1), main_pos, main_states,
+                                         keep_mamba_states=True)
+    emitted = logits.argmax(-1)                                                          # (b, K+1)
+    n = (drafts == emitted[:, :K]).long().cumprod(-1).sum(-1)                            # (b,)
+    select_mamba_states(dict(enumerate(main_states)), mamba, n)
+    main_pos.copy_(start + n + 1)
+    start_mtp = mtp_pos.clone()
+    h_mtp, mtp_mamba = model.mtp_decode_step(1, h, emitted, mtp_pos, mtp_states,
+                                             keep_mamba_states=any(len(s) == 2 for s in mtp_states.values()))
+    select_mamba_states(mtp_states, mtp_mamba, n)
+    mtp_pos.copy_(start_mtp + n + 1)
+    rows = torch.arange(last.shape[0], device=last.device)
+    return emitted, n, logits, h_mtp[rows, n][:, None]

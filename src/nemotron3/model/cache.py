@@ -19,6 +19,16 @@ from __future__ import annotations
 import torch
 
 
+def select_mamba_states(layer_states: dict, mamba_states: dict, idx: torch.Tensor) -> None:
+    """Set each Mamba layer's (conv, ssm) state, layer_states[i], to the one recorded after token idx[r] of row r
+    (mamba_states[i] = (conv (b, L, K-1, C), ssm (b, L, H, P, N)) from a verify forward). Tensor ops only, so a
+    compiled speculative round can run it inside its graph."""
+    rows = torch.arange(len(idx), device=idx.device)
+    for i, (conv, ssm) in mamba_states.items():
+        layer_states[i][0].copy_(conv[rows, idx])
+        layer_states[i][1].copy_(ssm[rows, idx])
+
+
 class HybridCache:
     def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32,
                  include_mtp: bool = False, include_main: bool = True):
@@ -103,11 +113,7 @@ class HybridCache:
         tokens of each row: Mamba layers take the state recorded after token keep-1 (mamba_states[layer] =
         (conv (b, L, K-1, C), ssm (b, L, H, P, N)) from the forward); attention only moves pos back (the K/V written
         past it are never read and get overwritten)."""
-        idx = keep - 1
-        rows = torch.arange(len(idx), device=idx.device)
-        for i, (conv, ssm) in mamba_states.items():
-            self.conv[i].copy_(conv[rows, idx])
-            self.ssm[i].copy_(ssm[rows, idx])
+        select_mamba_states({i: (self.conv[i], self.ssm[i]) for i in mamba_states}, mamba_states, keep - 1)
         self.pos.copy_(start + keep)
 
     # ---- rows as sequences -------------------------------------------------------------------------------------

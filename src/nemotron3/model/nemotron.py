@@ -379,8 +379,7 @@ class NemotronForCausalLM(nn.Module):
             self._compiled_decode = self._compiled_mtp = self._compiled_draft = None
         if enable and self._compiled_decode is None:
             self._cpp_wrapper = cpp_wrapper
-            compile_fn = functools.partial(torch.compile, dynamic=False,
-                                           options={"cpp_wrapper": True} if cpp_wrapper else None)
+            compile_fn = self.compile_like_decode
             # one graph per (model, batch size, tokens per step, cache length, MTP depth): far more than dynamo's
             # default of 8 per function, past which it silently runs the step eagerly (slower than no compile)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -390,9 +389,20 @@ class NemotronForCausalLM(nn.Module):
                 self._compiled_draft = compile_fn(functools.partial(self.mtp_draft_step, compiled=True))
         return self
 
+    def compile_like_decode(self, fn):
+        """torch.compile fn with compile_decode's settings (static shapes, cpp_wrapper as chosen there): for a
+        caller's step built on decode_step, e.g. the engine's one-graph greedy speculative round."""
+        return torch.compile(fn, dynamic=False, options={"cpp_wrapper": True} if self._cpp_wrapper else None)
+
     @property
     def decode_is_compiled(self) -> bool:
         return self._compiled_decode is not None
+
+    @property
+    def decode_compilation(self):
+        """An object that changes whenever compile_decode compiles anew or is switched off (None when off): a
+        caller that compiled its own step with compile_like_decode compiles it again when this changes."""
+        return self._compiled_decode
 
     # ---- caches for generation (the generation loop itself is nemotron3.infer's engine) ----
     def new_cache(self, batch_size: int, max_len: int, include_mtp: bool = False, include_main: bool = True
