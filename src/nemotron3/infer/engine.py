@@ -59,6 +59,7 @@ class _Prefill:
     def __init__(self, rid: int, req: Request, seqs: list[SequenceState], ids: torch.Tensor):
         self.rid, self.req, self.seqs, self.ids, self.done = rid, req, seqs, ids, 0
         self.prev_h: torch.Tensor | None = None       # the previous chunk's hidden states (MTP catch-up)
+        self.mtp_prompt = True                        # run the MTP head over the prompt (Engine._prefill_chunk)
 
 
 class Engine:
@@ -318,6 +319,10 @@ class Engine:
                 return
             self.prefilling = self.waiting.popleft()
             req = self.prefilling.req
+            # the MTP head's pass over the prompt pays only if the row will speculate: not when it joins, with the
+            # requests queued behind it, a batch too large to (measured: 8 rows joining one by one, 0.92x plain
+            # with it). Skipped, drafts for this row are poor until its MTP cache fills, never wrong.
+            self.prefilling.mtp_prompt = self.K_for(len(self.rows) + req.n + sum(w.req.n for w in self.waiting)) > 0
             self._ensure_cache(len(req.prompt_ids) + req.max_tokens + self.K_max + 1)
         pf, model, scratch = self.prefilling, self.model, self.max_batch
         main = self.cache.rows(scratch, scratch + 1)
@@ -329,7 +334,7 @@ class Engine:
         pf.done = s + chunk.shape[1]
         mtp = self.mtp_cache.rows(scratch, scratch + 1) if self.K_max else None
         if mtp is not None:
-            if pf.prev_h is not None:     # the previous chunk's positions: their next tokens are now all known
+            if pf.prev_h is not None and pf.mtp_prompt:   # the previous chunk: its next tokens are now all known
                 model.mtp_step(1, pf.prev_h, pf.ids[s - pf.prev_h.shape[1] + 1:s + 1][None], mtp)
             pf.prev_h = out.hidden_states
         if pf.done < L:
@@ -350,7 +355,7 @@ class Engine:
         masks = self._grammar_masks(pf.seqs, [[[]] for _ in pf.seqs])
         p = self._target(logits, rp, None if seen is None else seen[:, None], [[f] for f in forced], masks)
         first = draw(p[:, 0], uniforms(rng_key, torch.zeros(n, dtype=torch.long, device=self.device), 1)[:, 0])
-        if mtp is not None and pf.prev_h.shape[1] > 1:
+        if mtp is not None and pf.mtp_prompt and pf.prev_h.shape[1] > 1:
             tail = pf.prev_h[:, :-1]
             model.mtp_step(1, tail, pf.ids[L - tail.shape[1]:][None], mtp)
         h_last = pf.prev_h[:, -1:] if mtp is not None else None
