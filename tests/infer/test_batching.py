@@ -54,6 +54,23 @@ def test_speculative_greedy_with_per_row_acceptance_matches_plain(trained):
     assert acc[0] > 0.3 and engine.stats["rounds"] < sum(map(len, plain))   # rows advanced by their own counts
 
 
+def test_rows_prefilled_into_a_batch_too_large_to_speculate_skip_the_mtp_prompt_pass(trained, monkeypatch):
+    """4 requests queued at once with speculation only at batch 1: the MTP head never runs over their prompts
+    (only the one-token step that makes each row's first draft state); once the batch shrinks to one row it
+    speculates from that poor MTP cache, and the tokens are still plain greedy's."""
+    reqs = [Request(TOK.encode(p), n) for p, n in zip(PROMPTS, (40, 6, 6, 6))]
+    plain = [r.token_ids for r in Engine(trained, TOK).generate(reqs)]
+    lengths, mtp_step = [], trained.mtp_step
+    monkeypatch.setattr(trained, "mtp_step", lambda depth, h, *a, **kw: lengths.append(h.shape[1]) or
+                        mtp_step(depth, h, *a, **kw))
+    engine = Engine(trained, TOK, {1: 3, 8: 0}, max_batch=4, prefill_chunk=8)
+    assert [r.token_ids for r in engine.generate(reqs)] == plain
+    assert lengths and set(lengths) == {1} and engine.stats["rounds"] > 0
+    lengths.clear()                                  # control: alone, the row runs the MTP head over its prompt
+    Engine(trained, TOK, {1: 3, 8: 0}, max_batch=4, prefill_chunk=8).generate(reqs[:1])
+    assert max(lengths) > 1
+
+
 def test_fork_into_n_samples_equals_separate_requests(trained):
     prompt = TOK.encode(PROMPTS[0])
     sp = SamplingParams(temperature=1.0, seed=5)

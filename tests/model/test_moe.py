@@ -82,6 +82,7 @@ def test_each_schedule_chosen_by_argument_matches_the_reference_with_and_without
 def test_decode_schedule_picks_by_token_count_device_and_compilation_and_bad_schedules_are_rejected():
     assert decode_schedule(1, 6, 128, "cpu", compiled=False) == "one_token"
     assert decode_schedule(1, 6, 128, "cpu", compiled=True) == "gathered"
+    assert decode_schedule(24, 4, 16, "cpu", compiled=True) == "gathered"         # compiled: never a graph break
     assert decode_schedule(4, 6, 128, "cuda", compiled=False) == "gathered"       # verification: T*K <= E
     assert decode_schedule(4, 6, 128, "cpu", compiled=False) == "sorted"
     assert decode_schedule(512, 6, 128, "cuda", compiled=False) == "sorted"        # prefill
