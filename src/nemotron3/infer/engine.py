@@ -48,8 +48,9 @@ from .request import Event, IdsOnly, Request, Result, SequenceState
 from .sampling import RowParams, draw, splitmix64, target_probs_rows, token_logprobs, uniforms
 from .speculative import accept_drafts, greedy_round
 
-# Draft tokens per round by live batch size, the default of the CLI and the server: measured in
-# bench/decode_speed.py (2 CPU threads, demo and small models); speculation stops paying as the batch grows.
+# Draft tokens per round by batch size (live rows plus queued requests: Engine._batch_ahead), the default of the
+# CLI and the server: measured in bench/decode_speed.py (2 CPU threads, demo and small models); speculation stops
+# paying as the batch grows.
 SPECULATION_BY_BATCH = {2: 2, 4: 1, 1024: 0}
 
 
@@ -114,7 +115,7 @@ class Engine:
         return [a / d if d else 0.0 for a, d in zip(self.stats["accepted"], self.stats["drafted"])]
 
     def K_for(self, batch: int) -> int:
-        """Draft tokens per round at this live batch size."""
+        """Draft tokens per round at this batch size (the engine asks with _batch_ahead: live rows plus queued)."""
         return next((k for b, k in self.spec_by_batch if batch <= b), self.spec_by_batch[-1][1])
 
     def check(self, request: Request) -> None:
