@@ -71,15 +71,18 @@ def test_continuous_batching_and_cancellation(server):
     c = server.client()
     done = {}
 
-    def long_request():
+    started = threading.Event()
+
+    def long_request():        # streamed, so the short one is sent once this one is decoding, however fast that is
         t0 = time.perf_counter()
-        c.completions.create(model="demo", prompt="The ", max_tokens=400, temperature=0,
-                             extra_body={"ignore_eos": True})
+        for _ in c.completions.create(model="demo", prompt="The ", max_tokens=2000, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True}):
+            started.set()
         done["long"] = time.perf_counter() - t0
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(0.5)
+    assert started.wait(60), "the long request produced no token"
     t0 = time.perf_counter()
     c.completions.create(model="demo", prompt="Q: 1+1=?\n<think>", max_tokens=5, temperature=0)
     short = time.perf_counter() - t0
