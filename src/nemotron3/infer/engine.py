@@ -17,15 +17,16 @@ batch is always the contiguous rows [0, n) and a step runs on exactly the live r
 
 Speculative round (MTP heads as the drafter), each row accepting its own number of drafts:
     1. draft: MTP depth 1 on (hidden of the last verified position, the token just chosen), then the head again on
-       (its own output, the draft) for depths 2..K (temporary MTP cache entries, dropped afterwards); greedy
-       batches draft all K tokens, LM head and argmax included, in one compiled call (model.mtp_draft)
+       (its own output, the draft) for depths 2..K (temporary MTP cache entries, dropped afterwards)
     2. verify: one forward of the main model over [t0, d1..dK]; Mamba layers return their state after each token
        (mamba2.ssd_states)
     3. accept: speculative.accept_drafts for the whole batch (exact rejection sampling; greedy = argmax match)
     4. roll back: each row keeps the Mamba state after its t0, d1..dn and moves its position to start + n + 1
     5. catch the MTP cache up on the kept positions (teacher-forced, as in training); its last output drafts next.
+When every row is greedy, steps 1-5 are one function of tensors (speculative.greedy_round), one compiled call.
 Speculation is used only where it pays: `num_speculative_tokens` may be a dict {max batch size: K} (e.g.
-{1: 3, 4: 2, 8: 0}); the K of the smallest key >= the live batch size applies, 0 = plain decoding.
+{1: 3, 4: 2, 8: 0}); the K of the smallest key >= the batch about to run (live rows plus queued requests)
+applies, 0 = plain decoding.
 Draft vocabulary (FR-Spec): the drafter scores only `draft_vocab`'s tokens (the LM head's rows of them, gathered
 once), which makes a draft step cheaper where the LM head is a large part of it; verification scores the whole
 vocabulary, so the output is unchanged (speculative.py). By default ("auto") the engine takes the checkpoint's

@@ -111,8 +111,7 @@ def greedy_round(model, last: torch.Tensor, draft_h: torch.Tensor, main_pos: tor
     select_mamba_states(dict(enumerate(main_states)), mamba, n)
     main_pos.copy_(start + n + 1)
     start_mtp = mtp_pos.clone()
-    h_mtp, mtp_mamba = model.mtp_decode_step(1, h, emitted, mtp_pos, mtp_states,
-                                             keep_mamba_states=any(len(s) == 2 for s in mtp_states.values()))
+    h_mtp, mtp_mamba = model.mtp_decode_step(1, h, emitted, mtp_pos, mtp_states, keep_mamba_states=True)  # {} if none
     select_mamba_states(mtp_states, mtp_mamba, n)
     mtp_pos.copy_(start_mtp + n + 1)
     rows = torch.arange(last.shape[0], device=last.device)
